@@ -1,0 +1,444 @@
+r"""The optimizer shell shared by every Subset-Norm / Subspace-Momentum variant.
+
+A variant (see :mod:`snsm.variants`) only says which rules it combines, as a
+:class:`Rules` tuple per parameter group; this module validates options,
+creates state in a fixed layout and applies the update
+
+.. math::
+
+    W \leftarrow W - \eta_t\, c_t\, \frac{N_t}{\sqrt{v_t} + \epsilon},
+    \qquad W \leftarrow W - \eta_t \lambda W
+
+where ``N_t`` is the momentum rule's numerator (the gradient, a full EMA, or
+a subspace EMA plus the gradient's orthogonal complement, see
+:mod:`snsm.subspace`), ``v_t`` the Subset-Norm accumulator broadcast over each
+subset (:mod:`snsm.subset_norm`; absent for SGD), ``c_t`` the Adam bias
+correction ``sqrt(1 - beta2^t) / (1 - beta1^t)`` (or 1) and the last step is
+decoupled weight decay, applied after the update as in the reference code.
+
+State per parameter (tensors only, so ``torch.load(weights_only=True)`` and
+Distributed Checkpoint round-trip it):
+
+``step``        float32 CPU scalar, the number of steps taken (as torch.optim)
+``exp_avg``     momentum: parameter-shaped, or the rank-r subspace momentum
+``exp_avg_sq``  Subset-Norm accumulator, one value per subset
+``proj``        subspace projector: float32 basis ``min(m,n) x r`` or int64 rows ``r``
+``proj_step``   int64 CPU scalar: step at which ``proj`` was computed (0: not yet)
+``seed``        int64 CPU scalar: RNG stream of random projectors
+
+Non-finite gradients are not filtered (as in ``torch.optim.AdamW``): a NaN or
+inf gradient passed to :meth:`step` propagates into the momentum and the
+accumulator. Use ``torch.amp.GradScaler`` (which skips the step) or
+``clip_grad_norm_(..., error_if_nonfinite=True)``. A projector refresh on a
+non-finite or all-zero gradient keeps the previous basis instead.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from . import subspace as sm
+from .subset_norm import SubsetLayout, accumulate_, divide_by_root, subset_layout, validate_subset_size
+from .weight_decay import decoupled_weight_decay_
+
+__all__ = ["Rules", "SubsetNormOptimizer", "STATE_DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_RANDOM_PROJECTIONS = ("randomized", "srht", "uniform")
+
+
+class Rules(NamedTuple):
+    """Which rules a parameter group combines.
+
+    ``beta1``: EMA momentum coefficient (0: no momentum state); ``beta2``:
+    second-moment rule (``None``: none, i.e. SGD; ``1.0``: AdaGrad sum;
+    ``< 1``: EMA); ``bias_correction``: multiply by
+    ``sqrt(1 - beta2^t) / (1 - beta1^t)``; ``subspace``: whether ``rank``
+    puts the momentum of matrices into a subspace.
+    """
+
+    beta1: float
+    beta2: Optional[float]
+    bias_correction: bool
+    subspace: bool
+
+
+class _Subspace(NamedTuple):
+    shape: tuple  # (m, n) matrix view
+    rank: int
+    proj: str
+    gap: int
+    refresh: str
+
+    @property
+    def is_tall(self) -> bool:
+        return self.shape[0] >= self.shape[1]
+
+
+def _check_range(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a number)")
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok or math.isnan(value):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"Invalid {name}: {value} (allowed range {bound})")
+
+
+def check_beta(name: str, value, allow_one: bool = False) -> float:
+    """Validate a momentum/EMA coefficient: ``[0, 1)``, or ``[0, 1]`` when ``allow_one``."""
+    _check_range(name, value, 0.0, 1.0, high_open=not allow_one)
+    return float(value)
+
+
+def _state_dtype(param: torch.Tensor, group: dict) -> torch.dtype:
+    name = group.get("state_dtype")
+    if name is not None:
+        return STATE_DTYPES[name]
+    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+
+
+def _compute_dtype(param: torch.Tensor) -> torch.dtype:
+    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+
+
+class SubsetNormOptimizer(Optimizer):
+    """Base shell: subclasses define :meth:`rules` (and their constructor's defaults).
+
+    Group options understood by the shell: ``lr``, ``eps``, ``weight_decay``,
+    ``subset_size``, ``rank``, ``proj``, ``proj_gap``, ``refresh``, ``seed``,
+    ``state_dtype``. Variant options (``betas``, ``momentum``, ``alpha``) are
+    read by the variant's :meth:`rules`.
+    """
+
+    def __init__(self, params: Iterable, defaults: Dict[str, Any]):
+        defaults = dict(defaults)
+        defaults.setdefault("subset_size", "auto")
+        defaults.setdefault("rank", None)
+        defaults.setdefault("proj", "svd")
+        defaults.setdefault("proj_gap", 200)
+        defaults.setdefault("refresh", "reset")
+        defaults.setdefault("seed", 0)
+        defaults.setdefault("state_dtype", None)
+        defaults.setdefault("eps", 1e-8)
+        defaults.setdefault("weight_decay", 0.0)
+        self._warned: set = set()
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- variant hook
+    def rules(self, group: dict) -> Rules:  # pragma: no cover - abstract
+        """The rules this variant applies to ``group`` (validating its options)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- validation
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+                if not p.is_floating_point():
+                    raise TypeError(f"{type(self).__name__} needs floating-point parameters (got {p.dtype})")
+            dtype = group.get("state_dtype")
+            if isinstance(dtype, torch.dtype):
+                names = {v: k for k, v in STATE_DTYPES.items()}
+                if dtype not in names:
+                    raise ValueError(f"Invalid state_dtype: {dtype} (allowed: None, {', '.join(STATE_DTYPES)})")
+                group["state_dtype"] = names[dtype]
+            self._validate_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict) -> Rules:
+        _check_range("lr", group["lr"], 0.0)
+        _check_range("eps", group["eps"], 0.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        validate_subset_size(group["subset_size"])
+        rank = group["rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"Invalid rank: {rank!r} (allowed: None for full momentum, or an int >= 1)")
+        if group["proj"] not in sm.PROJECTIONS:
+            raise ValueError(f"Invalid proj: {group['proj']!r} (allowed: {', '.join(sm.PROJECTIONS)})")
+        gap = group["proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"Invalid proj_gap: {gap!r} (allowed: an int >= 1)")
+        if group["refresh"] not in sm.REFRESH_POLICIES:
+            raise ValueError(f"Invalid refresh: {group['refresh']!r} (allowed: {', '.join(sm.REFRESH_POLICIES)})")
+        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+            raise TypeError(f"Invalid seed: {group['seed']!r} (expected an int)")
+        if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
+        rules = self.rules(group)
+        if rank is not None and not (rules.subspace and rules.beta1 > 0):
+            raise ValueError(
+                f"Invalid rank: {rank!r}: {type(self).__name__} keeps no subspace momentum "
+                "(use the SM variant, or rank=None)"
+            )
+        return rules
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    # ---------------------------------------------------------------- layout
+    def _layout(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[SubsetLayout]:
+        if rules.beta2 is None:
+            return None
+        layout = subset_layout(p.shape, group["subset_size"])
+        if layout.degraded:
+            self._warn_once(
+                f"divisor{tuple(p.shape)}{group['subset_size']}",
+                f"subset_size={group['subset_size']!r} on a parameter of shape {tuple(p.shape)} "
+                f"(numel {p.numel()}): the largest divisor of numel <= {layout.target} is {layout.length}, "
+                "far below the target; that parameter is close to coordinate-wise",
+            )
+        return layout
+
+    def _subspace(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[_Subspace]:
+        rank = group["rank"]
+        if rank is None or not rules.subspace or rules.beta1 == 0 or p.ndim < 2:
+            return None
+        shape = (p.shape[0], p.numel() // p.shape[0]) if p.numel() else (p.shape[0], 0)
+        if rank >= min(shape):
+            self._warn_once(
+                f"rank{tuple(p.shape)}{rank}",
+                f"rank={rank} >= min{shape} for a parameter of shape {tuple(p.shape)}: "
+                "using full momentum for it",
+            )
+            return None
+        return _Subspace(shape, rank, group["proj"], group["proj_gap"], group["refresh"])
+
+    def _state_spec(self, p, group, rules) -> Dict[str, tuple]:
+        """Key -> (shape, dtype) of the tensors a parameter's state holds (beside ``step``)."""
+        dtype = _state_dtype(p, group)
+        spec = {}
+        sub = self._subspace(p, group, rules)
+        if sub is not None:
+            m, n = sub.shape
+            spec["exp_avg"] = (sm.momentum_shape(m, n, sub.rank, sub.proj), dtype)
+            dense = sub.proj in sm.DENSE_PROJECTIONS
+            spec["proj"] = (sm.projector_shape(m, n, sub.rank, sub.proj), torch.float32 if dense else torch.int64)
+        elif rules.beta1 > 0:
+            spec["exp_avg"] = (tuple(p.shape), dtype)
+        layout = self._layout(p, group, rules)
+        if layout is not None:
+            spec["exp_avg_sq"] = (layout.state_shape, dtype)
+        return spec
+
+    def _init_state(self, p, group, rules, index: int) -> None:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        for key, (shape, dtype) in self._state_spec(p, group, rules).items():
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if "proj" in state:
+            state["proj_step"] = torch.tensor(0, dtype=torch.int64)
+            if group["proj"] in _RANDOM_PROJECTIONS:
+                state["seed"] = torch.tensor(sm.next_seed(group["seed"] * 1_000_003 + index), dtype=torch.int64)
+
+    def _check_state(self, p, group, rules) -> None:
+        state = self.state.get(p)
+        if not state:
+            return
+        for key, (shape, _) in self._state_spec(p, group, rules).items():
+            have = state.get(key)
+            if have is None or tuple(have.shape) != tuple(shape):
+                raise ValueError(
+                    f"{type(self).__name__}: state {key!r} of a parameter of shape {tuple(p.shape)} is "
+                    f"{None if have is None else tuple(have.shape)}, but the group's options need {tuple(shape)} "
+                    "(were subset_size/rank/proj changed after the first step?)"
+                )
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Perform one optimization step. Validates everything before changing anything."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = []
+        for group in self.param_groups:
+            rules = self._validate_group(group)
+            params = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.is_complex():
+                    raise TypeError(f"{type(self).__name__} does not support complex gradients")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+                self._check_state(p, group, rules)
+                params.append(p)
+            plan.append((group, rules, params))
+        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        for group, rules, params in plan:
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group, rules, index[p])
+                self._update(p, group, rules)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict, rules: Rules) -> None:
+        state = self.state[p]
+        sub = self._subspace(p, group, rules)
+        step_ = sn_step_(
+            p,
+            p.grad,
+            state,
+            lr=group["lr"],
+            beta1=rules.beta1,
+            beta2=rules.beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bias_correction=rules.bias_correction,
+            layout=self._layout(p, group, rules),
+            subspace=sub,
+            warn=self._warn_once,
+        )
+        return step_
+
+    # ---------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but state keeps its saved dtypes.
+
+        torch casts floating state to the parameter's dtype, which would turn
+        float32 state of a bf16 parameter into bf16 and int64 projector
+        indices into floats; here only the device follows the parameter.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in saved:
+                self.state[p] = {
+                    k: (v.to(device=p.device) if torch.is_tensor(v) and k not in ("step", "proj_step", "seed") else v)
+                    for k, v in saved[i].items()
+                }
+
+
+# -------------------------------------------------------------------- functional form
+def _refresh_projector(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step: int, warn) -> bool:
+    """Recompute the projector if due; apply the refresh policy to the momentum.
+
+    Returns True when a new basis replaced an earlier one at this step.
+    """
+    proj_step = int(state["proj_step"])
+    if proj_step != 0 and step % sub.gap != 0:
+        return False
+    gen = None
+    if "seed" in state:
+        seed = int(state["seed"])
+        gen = torch.Generator(device=g.device).manual_seed(seed)
+        state["seed"].fill_(sm.next_seed(seed))
+    new = sm.build_projector(sub.proj, g, sub.rank, gen)
+    if new is None:
+        warn(
+            f"proj{sub.shape}",
+            f"could not compute a {sub.proj!r} projector for a {sub.shape} gradient at step {step} "
+            "(all zero, non-finite, or the factorization failed): "
+            + ("keeping the previous basis" if proj_step else "using coordinate directions until the next step"),
+        )
+        if proj_step:
+            return False
+        new = sm.fallback_projector(sub.proj, sub.shape, sub.rank, g.device)
+    else:
+        state["proj_step"].fill_(step)
+    old = state["proj"]
+    if proj_step == 0 or sub.refresh == "reset":
+        mom_tall.zero_()
+    elif sub.refresh == "transport":
+        mom_tall.copy_(sm.transport(mom_tall, old, new, max(sub.shape)))
+    # "reference": the old momentum is read in the new basis this step, zeroed after it
+    old.copy_(new)
+    return proj_step != 0
+
+
+def sn_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: Optional[float],
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    layout: Optional[SubsetLayout],
+    subspace: Optional[_Subspace],
+    warn: Callable[[str, str], None],
+) -> None:
+    r"""One step for one parameter (the for-loop reference path).
+
+    .. math::
+
+        N_t = \begin{cases}
+            G_t & \beta_1 = 0 \\
+            m_t = \beta_1 m_{t-1} + (1-\beta_1) G_t & \text{full momentum} \\
+            \text{back}(M_t) + G_t - \text{back}(R_t) & \text{subspace momentum}
+        \end{cases}
+
+        W \leftarrow W - \eta\, c_t\, N_t / (\sqrt{v_t} + \epsilon);\quad
+        W \leftarrow (1 - \eta\lambda) W
+    """
+    compute = _compute_dtype(param)
+    state["step"] += 1
+    step = int(state["step"].item())
+    g = grad.to(compute)
+    writeback = []
+
+    def working(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == compute:
+            return t
+        w = t.to(compute)
+        writeback.append((t, w))
+        return w
+
+    if subspace is not None:
+        is_tall = subspace.is_tall
+        gm = g.reshape(subspace.shape)
+        a = sm.tall(gm, is_tall)
+        mom = sm.tall(working(state["exp_avg"]), is_tall)
+        refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
+        p = state["proj"]
+        r = sm.project(a, p)
+        mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+        num = sm.tall(sm.numerator(a, mom, r, p), is_tall).reshape(param.shape)
+        if refreshed and subspace.refresh == "reference":
+            mom.zero_()
+    elif beta1 > 0:
+        num = working(state["exp_avg"]).mul_(beta1).add_(g, alpha=1.0 - beta1)
+    else:
+        num = g
+
+    if beta2 is not None:
+        v = working(state["exp_avg_sq"])
+        accumulate_(v, g, layout, beta2)
+        update = divide_by_root(num, v, layout, eps)
+    else:
+        update = num
+
+    scale = lr
+    if bias_correction:
+        scale = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    param.add_(update.to(param.dtype), alpha=-scale)
+    decoupled_weight_decay_(param, lr, weight_decay)
+    for target, w in writeback:
+        target.copy_(w)

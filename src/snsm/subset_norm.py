@@ -1,0 +1,157 @@
+r"""Subset-Norm: one adaptive step size per subset of coordinates.
+
+Partition the ``d`` coordinates of a parameter into ``K`` disjoint subsets
+``S_1 .. S_K`` and keep a single second-moment accumulator per subset:
+
+.. math::
+
+    \text{EMA } (\beta_2 < 1):\quad v_i \leftarrow \beta_2 v_i + (1 - \beta_2) \sum_{j \in S_i} g_j^2
+
+    \text{sum } (\beta_2 = 1):\quad v_i \leftarrow v_i + \sum_{j \in S_i} g_j^2
+
+and divide every coordinate ``j`` of subset ``i`` by ``sqrt(v_i) + eps``.
+``K = d`` is Adam/AdaGrad, ``K = 1`` is AdaGrad-Norm; ``K ~ sqrt(d)`` cuts the
+second moment from O(d) to O(sqrt d) memory.
+
+The accumulator holds the *sum* of squares over a subset, not the mean, which
+is why Subset-Norm learning rates are about 10x Adam's.
+
+Partition rules (``subset_size``):
+
+``"auto"``
+    the shape rule. A matrix ``m x n`` (any tensor with ``ndim >= 2`` is read
+    as ``(shape[0], prod(shape[1:]))``) gets one subset per row when
+    ``m >= n`` (state ``m x 1``), else one per column (state ``1 x n``): memory
+    ``max(m, n)``. Vectors and scalars stay coordinate-wise.
+``k > 0``
+    flatten row-major; subset length = the largest divisor of ``d`` that is
+    ``<= k``; contiguous chunks. State ``(d / length) x 1``.
+``k < 0``
+    target length ``int(sqrt(d) / |k|)``, then the divisor rule above.
+``None``
+    coordinate-wise: state shaped like the parameter (plain Adam/AdaGrad).
+
+A ``d`` with no divisor near the target degrades (a prime ``d`` gives length
+1, i.e. coordinate-wise); :func:`subset_layout` reports that in
+``SubsetLayout.degraded`` so the optimizer can warn once.
+
+Everything here is a pure function of tensors; no optimizer state object.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+__all__ = [
+    "SubsetLayout",
+    "subset_layout",
+    "validate_subset_size",
+    "largest_divisor_at_most",
+    "square_sums",
+    "accumulate_",
+    "divide_by_root",
+]
+
+SubsetSize = Union[str, int, None]
+
+
+class SubsetLayout(NamedTuple):
+    """How a parameter's coordinates are grouped.
+
+    ``view``: the shape the parameter is viewed as before reducing (``None`` =
+    coordinate-wise, no reduction); ``dim``: the dimension of ``view`` summed
+    over; ``state_shape``: the shape of the accumulator; ``target``/``length``:
+    the requested and actual subset length for the divisor rule (else 0);
+    ``degraded``: the divisor rule fell far below its target.
+    """
+
+    view: Optional[tuple]
+    dim: Optional[int]
+    state_shape: tuple
+    length: int = 0
+    target: int = 0
+
+    @property
+    def degraded(self) -> bool:
+        return self.target > 0 and 2 * self.length < self.target
+
+    @property
+    def coordinate_wise(self) -> bool:
+        return self.view is None
+
+
+def validate_subset_size(subset_size: SubsetSize) -> None:
+    """Raise a specific error unless ``subset_size`` is ``"auto"``, ``None`` or a non-zero int."""
+    if subset_size is None or subset_size == "auto":
+        return
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int):
+        raise ValueError(
+            f"Invalid subset_size: {subset_size!r} (allowed: 'auto', None, an int k > 0 for a "
+            "fixed subset length, or an int k < 0 for length int(sqrt(numel)/|k|))"
+        )
+    if subset_size == 0:
+        raise ValueError("Invalid subset_size: 0 (allowed: 'auto', None, or a non-zero int)")
+
+
+def largest_divisor_at_most(n: int, k: int) -> int:
+    """The largest divisor of ``n`` that is ``<= k`` (at least 1)."""
+    k = max(1, min(k, n))
+    for length in range(k, 0, -1):
+        if n % length == 0:
+            return length
+    return 1
+
+
+def _matrix_shape(shape: torch.Size) -> tuple:
+    return (shape[0], math.prod(shape[1:]))
+
+
+def subset_layout(shape: torch.Size, subset_size: SubsetSize) -> SubsetLayout:
+    """The partition of a tensor of ``shape`` under ``subset_size`` (see module doc)."""
+    shape = torch.Size(shape)
+    validate_subset_size(subset_size)
+    numel = shape.numel()
+    if subset_size is None or numel == 0:
+        return SubsetLayout(None, None, tuple(shape))
+    if subset_size == "auto":
+        if len(shape) < 2:
+            return SubsetLayout(None, None, tuple(shape))
+        m, n = _matrix_shape(shape)
+        if m >= n:
+            return SubsetLayout((m, n), 1, (m, 1))
+        return SubsetLayout((m, n), 0, (1, n))
+    target = subset_size if subset_size > 0 else int(math.sqrt(numel) / -subset_size)
+    target = max(1, target)
+    length = largest_divisor_at_most(numel, target)
+    count = numel // length
+    return SubsetLayout((count, length), 1, (count, 1), length, min(target, numel))
+
+
+def square_sums(grad: torch.Tensor, layout: SubsetLayout) -> torch.Tensor:
+    """``sum_{j in S_i} g_j^2`` for every subset, shaped ``layout.state_shape``."""
+    if layout.coordinate_wise:
+        return grad * grad
+    g = grad.reshape(layout.view)
+    return (g * g).sum(dim=layout.dim, keepdim=True)
+
+
+def accumulate_(v: torch.Tensor, grad: torch.Tensor, layout: SubsetLayout, beta2: float) -> torch.Tensor:
+    """Update the accumulator in place: EMA when ``beta2 < 1``, running sum when ``beta2 == 1``."""
+    sq = square_sums(grad, layout).to(v.dtype)
+    if beta2 == 1.0:
+        return v.add_(sq)
+    return v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
+
+
+def divide_by_root(numerator: torch.Tensor, v: torch.Tensor, layout: SubsetLayout, eps: float) -> torch.Tensor:
+    """``numerator / (sqrt(v) + eps)``, each subset's value broadcast over its coordinates.
+
+    ``numerator`` is parameter-shaped (or any view with the same numel); the
+    result has ``numerator``'s shape.
+    """
+    denom = v.sqrt().add_(eps)
+    if layout.coordinate_wise:
+        return numerator / denom.reshape(numerator.shape)
+    return (numerator.reshape(layout.view) / denom).reshape(numerator.shape)

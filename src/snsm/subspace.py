@@ -1,0 +1,229 @@
+r"""Subspace-Momentum: momentum in a rank-r subspace, plain SGD in its complement.
+
+For a gradient ``G`` of shape ``m x n`` the rules work on the *tall frame*
+``A = G`` when ``m >= n`` and ``A = G^T`` otherwise, so ``A`` is ``M x N`` with
+``M >= N``. A projector ``P`` is either
+
+* a **dense basis** ``Q`` (``N x r``, orthonormal columns, float32) spanning
+  (an estimate of) the top-r right singular subspace of ``A``:
+  ``R = A Q`` (``M x r``) and ``back(X) = X Q^T``; or
+* a **row selection** ``idx`` (``r`` int64 indices into the ``M`` rows of
+  ``A``): ``R = A[idx]`` (``r x N``) and ``back(X)`` scatters ``X`` into those
+  rows.
+
+The momentum lives in the coordinates of ``R`` and the update numerator adds
+the orthogonal complement of the gradient back:
+
+.. math::
+
+    M_t = \beta_1 M_{t-1} + (1 - \beta_1) R_t,\qquad
+    N_t = \text{back}(M_t) + (A_t - \text{back}(R_t)) = A_t + \text{back}(M_t - R_t)
+
+(the second form costs one rank-r matmul for a dense basis). Stored momentum
+is kept in the gradient's orientation: for a wide ``G`` it is ``M_A^T``. With
+``G`` tall a dense basis gives momentum ``m x r``; wide ``r x n``; a row
+selection gives ``r x n`` (tall) or ``m x r`` (wide).
+
+Projector builders (all take the current gradient, return ``None`` when the
+gradient carries no usable direction, i.e. is all zero or non-finite, or the
+factorization fails):
+
+``svd``         top-r singular vectors of ``G``, computed in float32.
+``randomized``  Halko-Martinsson-Tropp range finder: Gaussian sketch with
+                oversampling, power iterations, then an SVD of the small
+                projected matrix; O(M N (r + p)) instead of a full SVD.
+``srht``        subsampled randomized Hadamard sketch ``Y = (S H D A)^T`` via
+                a fast Walsh-Hadamard transform (O(M N log M), plain torch),
+                orthonormalized by QR: a real orthonormal projection whose
+                span is biased towards the gradient's top directions.
+``topk``        the r rows of ``A`` with the largest norm.
+``uniform``     r rows of ``A`` chosen uniformly at random.
+
+Refresh policies (what happens to ``M`` when the basis changes):
+``reset`` zeroes it before the refresh step's update (what the paper
+describes); ``transport`` carries it into the new basis,
+``M <- M Q_old^T Q_new`` (dense) or the rows both selections share (rows);
+``reference`` reproduces the authors' code, which reads the old momentum in
+the new basis for the refresh step and zeroes it only afterwards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "PROJECTIONS",
+    "DENSE_PROJECTIONS",
+    "REFRESH_POLICIES",
+    "tall",
+    "fwht",
+    "build_projector",
+    "fallback_projector",
+    "project",
+    "numerator",
+    "transport",
+    "momentum_shape",
+    "projector_shape",
+    "next_seed",
+]
+
+DENSE_PROJECTIONS = ("svd", "randomized", "srht")
+PROJECTIONS = DENSE_PROJECTIONS + ("topk", "uniform")
+REFRESH_POLICIES = ("reset", "transport", "reference")
+
+#: randomized range finder settings (Halko et al. recommend p ~ 5-10, q ~ 1-2)
+OVERSAMPLE = 8
+POWER_ITERS = 2
+
+
+def tall(x: torch.Tensor, is_tall: bool) -> torch.Tensor:
+    """The tall-frame view of a gradient-oriented matrix (a transpose view when wide)."""
+    return x if is_tall else x.T
+
+
+def momentum_shape(m: int, n: int, rank: int, proj: str) -> tuple:
+    """Shape of the subspace momentum for an ``m x n`` matrix (gradient orientation)."""
+    dense = proj in DENSE_PROJECTIONS
+    if m >= n:
+        return (m, rank) if dense else (rank, n)
+    return (rank, n) if dense else (m, rank)
+
+
+def projector_shape(m: int, n: int, rank: int, proj: str) -> tuple:
+    """Shape of the projector: ``N x r`` basis for dense kinds, ``r`` indices otherwise."""
+    return (min(m, n), rank) if proj in DENSE_PROJECTIONS else (rank,)
+
+
+def next_seed(seed: int) -> int:
+    """One step of a 63-bit linear congruential sequence (the projector RNG stream)."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % (1 << 63)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform along dim 0 (length a power of two).
+
+    ``fwht(x) = H x / sqrt(L)`` with ``H`` the Sylvester Hadamard matrix, in
+    ``log2(L)`` butterfly passes: O(L log L) per column. Its own inverse.
+    """
+    length = x.shape[0]
+    if length & (length - 1):
+        raise ValueError(f"fwht needs a power-of-two length along dim 0, got {length}")
+    rest = x.shape[1:]
+    y = x.reshape(length, -1)
+    h = 1
+    while h < length:
+        y = y.view(length // (2 * h), 2, h, -1)
+        a, b = y[:, 0], y[:, 1]
+        y = torch.stack((a + b, a - b), dim=1)
+        h *= 2
+    return y.reshape(length, *rest) / math.sqrt(length)
+
+
+def _usable(a: torch.Tensor) -> bool:
+    return bool(torch.isfinite(a).all()) and bool(a.abs().amax() > 0)
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _svd_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
+    # the SVD of G itself, not of the tall view, so the singular vectors' signs
+    # match the reference implementation's (they matter for `refresh="reference"`)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    if g.shape[0] >= g.shape[1]:
+        return vh[:rank].T.contiguous()
+    return u[:, :rank].contiguous()
+
+
+def _randomized_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    big, small = a.shape
+    width = min(small, rank + OVERSAMPLE)
+    omega = torch.randn(big, width, generator=gen, device=a.device, dtype=a.dtype)
+    y = a.T @ omega
+    for _ in range(POWER_ITERS):
+        y = a.T @ (a @ _orthonormal(y))
+    q = _orthonormal(y)
+    _, _, vh = torch.linalg.svd(a @ q, full_matrices=False)
+    return (q @ vh[:rank].T).contiguous()
+
+
+def _srht_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    big, small = a.shape
+    padded = 1 << (big - 1).bit_length()
+    signs = torch.randint(0, 2, (big, 1), generator=gen, device=a.device).to(a.dtype).mul_(2).sub_(1)
+    x = a.new_zeros(padded, small)
+    x[:big] = a * signs
+    rows = torch.randperm(padded, generator=gen, device=a.device)[:rank]
+    y = fwht(x)[rows].T
+    return _orthonormal(y).contiguous()
+
+
+def build_projector(
+    proj: str, grad: torch.Tensor, rank: int, gen: Optional[torch.Generator] = None
+) -> Optional[torch.Tensor]:
+    """A fresh projector for ``grad`` (gradient orientation, any float dtype).
+
+    Dense kinds return a float32 ``N x r`` orthonormal basis, row kinds an
+    int64 index vector. Returns ``None`` when the gradient is all zero or
+    non-finite or the factorization does not converge: the caller keeps its
+    previous projector (or :func:`fallback_projector`).
+    """
+    g = grad.detach().float()
+    a = tall(g, g.shape[0] >= g.shape[1])
+    if not _usable(a):
+        return None
+    try:
+        if proj == "svd":
+            q = _svd_basis(g, rank)
+        elif proj == "randomized":
+            q = _randomized_basis(a, rank, gen)
+        elif proj == "srht":
+            q = _srht_basis(a, rank, gen)
+        elif proj == "topk":
+            return torch.topk(a.norm(dim=1), rank).indices
+        elif proj == "uniform":
+            return torch.randperm(a.shape[0], generator=gen, device=a.device)[:rank]
+        else:
+            raise ValueError(f"Invalid proj: {proj!r} (allowed: {', '.join(PROJECTIONS)})")
+    except torch.linalg.LinAlgError:
+        return None
+    return q if bool(torch.isfinite(q).all()) else None
+
+
+def fallback_projector(proj: str, shape: tuple, rank: int, device) -> torch.Tensor:
+    """A valid projector that needs no gradient: the first r coordinate directions / rows."""
+    m, n = shape
+    if proj in DENSE_PROJECTIONS:
+        return torch.eye(min(m, n), rank, device=device)
+    return torch.arange(rank, device=device)
+
+
+def project(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``R = A Q`` (dense basis) or ``R = A[idx]`` (row selection), in the tall frame."""
+    if p.is_floating_point():
+        return a @ p.to(a.dtype)
+    return a.index_select(0, p)
+
+
+def numerator(a: torch.Tensor, m: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``N = back(M) + (A - back(R)) = A + back(M - R)`` in the tall frame."""
+    if p.is_floating_point():
+        return torch.addmm(a, m - r, p.to(a.dtype).T)
+    return a.index_copy(0, p, m)
+
+
+def transport(m: torch.Tensor, p_old: torch.Tensor, p_new: torch.Tensor, rows: int) -> torch.Tensor:
+    """Carry tall-frame momentum ``m`` from basis ``p_old`` into ``p_new``.
+
+    Dense: ``M Q_old^T Q_new``, the projection of the old back-projected
+    momentum onto the new subspace. Rows: rows selected by both keep their
+    momentum, newly selected rows start at zero.
+    """
+    if p_old.is_floating_point():
+        return m @ (p_old.T @ p_new).to(m.dtype)
+    full = m.new_zeros(rows, m.shape[1])
+    full.index_copy_(0, p_old, m)
+    return full.index_select(0, p_new)
