@@ -102,6 +102,18 @@ def check_beta(name: str, value, allow_one: bool = False) -> float:
     return float(value)
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    import sys
+
+    package = __name__.rsplit(".", 1)[0]
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_globals.get("__name__", "").startswith(package)
+                                 or frame.f_globals.get("__name__", "").startswith("torch")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _state_dtype(param: torch.Tensor, group: dict) -> torch.dtype:
     name = group.get("state_dtype")
     if name is not None:
@@ -128,7 +140,7 @@ class SubsetNormOptimizer(Optimizer):
         defaults.setdefault("rank", None)
         defaults.setdefault("proj", "svd")
         defaults.setdefault("proj_gap", 200)
-        defaults.setdefault("refresh", "reset")
+        defaults.setdefault("refresh", "transport")
         defaults.setdefault("seed", 0)
         defaults.setdefault("state_dtype", None)
         defaults.setdefault("eps", 1e-8)
@@ -192,7 +204,7 @@ class SubsetNormOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
+            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
     # ---------------------------------------------------------------- layout
     def _layout(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[SubsetLayout]:
@@ -438,7 +450,10 @@ def sn_step_(
     scale = lr
     if bias_correction:
         scale = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-    param.add_(update.to(param.dtype), alpha=-scale)
+    if isinstance(scale, torch.Tensor):  # a tensor lr (as torch.optim allows) stays on device
+        param.sub_((update * scale).to(param.dtype))
+    else:
+        param.add_(update.to(param.dtype), alpha=-scale)
     decoupled_weight_decay_(param, lr, weight_decay)
     for target, w in writeback:
         target.copy_(w)

@@ -32,10 +32,12 @@ factorization fails):
 ``randomized``  Halko-Martinsson-Tropp range finder: Gaussian sketch with
                 oversampling, power iterations, then an SVD of the small
                 projected matrix; O(M N (r + p)) instead of a full SVD.
-``srht``        subsampled randomized Hadamard sketch ``Y = (S H D A)^T`` via
-                a fast Walsh-Hadamard transform (O(M N log M), plain torch),
-                orthonormalized by QR: a real orthonormal projection whose
-                span is biased towards the gradient's top directions.
+``srht``        subsampled randomized Hadamard sketch ``Y = (S H D A)^T`` of
+                width 2r via a fast Walsh-Hadamard transform (O(M N log M),
+                plain torch, no Gaussian matrix), orthonormalized by QR, then
+                the r directions of that span carrying most of ``A``'s
+                energy: a real orthonormal projection biased towards the
+                gradient's top directions.
 ``topk``        the r rows of ``A`` with the largest norm.
 ``uniform``     r rows of ``A`` chosen uniformly at random.
 
@@ -156,9 +158,14 @@ def _srht_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tenso
     signs = torch.randint(0, 2, (big, 1), generator=gen, device=a.device).to(a.dtype).mul_(2).sub_(1)
     x = a.new_zeros(padded, small)
     x[:big] = a * signs
-    rows = torch.randperm(padded, generator=gen, device=a.device)[:rank]
-    y = fwht(x)[rows].T
-    return _orthonormal(y).contiguous()
+    width = min(small, 2 * rank, padded)
+    rows = torch.randperm(padded, generator=gen, device=a.device)[:width]
+    q = _orthonormal(fwht(x)[rows].T)
+    if width == rank:
+        return q.contiguous()
+    # keep the r directions of the 2r-wide sketch that carry the most of A's energy
+    _, _, vh = torch.linalg.svd(a @ q, full_matrices=False)
+    return (q @ vh[:rank].T).contiguous()
 
 
 def build_projector(

@@ -27,7 +27,7 @@ def _betas(group: dict) -> Tuple[float, float]:
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    return check_beta("betas[0]", betas[0]), check_beta("betas[1]", betas[1])
+    return check_beta("betas[0]", betas[0]), check_beta("betas[1]", betas[1], allow_one=True)
 
 
 class AdamWSN(SubsetNormOptimizer):
@@ -106,7 +106,7 @@ class AdamWSNSM(AdamWSN):
         rank: Optional[int] = 128,
         proj: str = "svd",
         proj_gap: int = 200,
-        refresh: str = "reset",
+        refresh: str = "transport",
         seed: int = 0,
         state_dtype: Optional[str] = None,
     ):
@@ -179,7 +179,7 @@ class AdaGradSNSM(AdaGradSN):
         rank: Optional[int] = 128,
         proj: str = "svd",
         proj_gap: int = 200,
-        refresh: str = "reset",
+        refresh: str = "transport",
         seed: int = 0,
         state_dtype: Optional[str] = None,
     ):
@@ -245,7 +245,7 @@ class SGDSM(SubsetNormOptimizer):
         rank: Optional[int] = 128,
         proj: str = "svd",
         proj_gap: int = 200,
-        refresh: str = "reset",
+        refresh: str = "transport",
         seed: int = 0,
         state_dtype: Optional[str] = None,
     ):
