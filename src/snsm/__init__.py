@@ -7,7 +7,10 @@ from "Efficient Adaptive Optimization via Subset-Norm and Subspace-Momentum"
 """
 import logging
 
+from .adago import AdaGO
+from .batch_size import AdaptiveBatchSize
 from .grouping import param_groups
+from .norm import AdaGradNorm, RMSpropNorm
 from .optimizer import Rules, SubsetNormOptimizer
 from .variants import AdaGradSN, AdaGradSNSM, AdamWSN, AdamWSNSM, RMSpropSN, SGDSM
 
@@ -18,6 +21,10 @@ __all__ = [
     "AdaGradSNSM",
     "RMSpropSN",
     "SGDSM",
+    "AdaGradNorm",
+    "RMSpropNorm",
+    "AdaGO",
+    "AdaptiveBatchSize",
     "SubsetNormOptimizer",
     "Rules",
     "param_groups",

@@ -42,7 +42,9 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional
 import torch
 from torch.optim import Optimizer
 
+from . import fused
 from . import subspace as sm
+from ._kernels import unavailable_reason as kernel_error
 from .subset_norm import SubsetLayout, accumulate_, divide_by_root, subset_layout, validate_subset_size
 from .weight_decay import decoupled_weight_decay_
 
@@ -77,6 +79,7 @@ class _Subspace(NamedTuple):
     proj: str
     gap: int
     refresh: str
+    offset: int = 0  # refresh when (step + offset) % gap == 0
 
     @property
     def is_tall(self) -> bool:
@@ -130,7 +133,9 @@ class SubsetNormOptimizer(Optimizer):
 
     Group options understood by the shell: ``lr``, ``eps``, ``weight_decay``,
     ``subset_size``, ``rank``, ``proj``, ``proj_gap``, ``refresh``, ``seed``,
-    ``state_dtype``. Variant options (``betas``, ``momentum``, ``alpha``) are
+    ``state_dtype``, ``stagger`` (spread projector refreshes of different
+    matrices over the gap), ``fused`` (``None``: the fused CPU kernel where it applies,
+    else the reference path; ``True``: require it; ``False``: reference path). Variant options (``betas``, ``momentum``, ``alpha``) are
     read by the variant's :meth:`rules`.
     """
 
@@ -145,7 +150,10 @@ class SubsetNormOptimizer(Optimizer):
         defaults.setdefault("state_dtype", None)
         defaults.setdefault("eps", 1e-8)
         defaults.setdefault("weight_decay", 0.0)
+        defaults.setdefault("fused", None)
+        defaults.setdefault("stagger", None)
         self._warned: set = set()
+        self._scratch: dict = {}
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- variant hook
@@ -191,6 +199,10 @@ class SubsetNormOptimizer(Optimizer):
             raise ValueError(f"Invalid refresh: {group['refresh']!r} (allowed: {', '.join(sm.REFRESH_POLICIES)})")
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise TypeError(f"Invalid seed: {group['seed']!r} (expected an int)")
+        if group["stagger"] not in (None, True, False):
+            raise ValueError(f"Invalid stagger: {group['stagger']!r} (allowed: None, True, False)")
+        if group["fused"] not in (None, True, False):
+            raise ValueError(f"Invalid fused: {group['fused']!r} (allowed: None for the fastest path, True, False)")
         if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
         rules = self.rules(group)
@@ -220,7 +232,7 @@ class SubsetNormOptimizer(Optimizer):
             )
         return layout
 
-    def _subspace(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[_Subspace]:
+    def _subspace(self, p: torch.Tensor, group: dict, rules: Rules, index: int = 0) -> Optional[_Subspace]:
         rank = group["rank"]
         if rank is None or not rules.subspace or rules.beta1 == 0 or p.ndim < 2:
             return None
@@ -232,7 +244,13 @@ class SubsetNormOptimizer(Optimizer):
                 "using full momentum for it",
             )
             return None
-        return _Subspace(shape, rank, group["proj"], group["proj_gap"], group["refresh"])
+        gap = group["proj_gap"]
+        # staggered: spread the matrices' refreshes over the gap (golden-ratio sequence of
+        # their positions), so no step recomputes every basis at once
+        # (None: staggered, except refresh="reference", which keeps the authors' synchronized schedule)
+        stagger = group["stagger"] if group["stagger"] is not None else group["refresh"] != "reference"
+        offset = int(((index * 0.6180339887498949) % 1.0) * gap) if stagger else 0
+        return _Subspace(shape, rank, group["proj"], gap, group["refresh"], offset)
 
     def _state_spec(self, p, group, rules) -> Dict[str, tuple]:
         """Key -> (shape, dtype) of the tensors a parameter's state holds (beside ``step``)."""
@@ -296,23 +314,30 @@ class SubsetNormOptimizer(Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
                 self._check_state(p, group, rules)
-                params.append(p)
+                params.append((p, self._use_fused(p, group)))
             plan.append((group, rules, params))
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         for group, rules, params in plan:
-            for p in params:
+            for p, use_fused in params:
                 if not self.state[p]:
                     self._init_state(p, group, rules, index[p])
-                self._update(p, group, rules)
+                self._update(p, group, rules, use_fused, index[p])
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict, rules: Rules) -> None:
-        state = self.state[p]
-        sub = self._subspace(p, group, rules)
-        step_ = sn_step_(
-            p,
-            p.grad,
-            state,
+    def _use_fused(self, p: torch.Tensor, group: dict) -> bool:
+        if group["fused"] is False:
+            return False
+        ok = fused.supports(p, _state_dtype(p, group))
+        if group["fused"] and not ok:
+            raise RuntimeError(
+                f"fused=True, but the fused kernel does not handle a {p.dtype} parameter on {p.device} "
+                f"with {_state_dtype(p, group)} state (it needs float32 on CPU"
+                + (f"; {kernel_error()}" if kernel_error() else "") + "); use fused=None to fall back"
+            )
+        return ok
+
+    def _update(self, p: torch.Tensor, group: dict, rules: Rules, use_fused: bool, index: int) -> None:
+        kwargs = dict(
             lr=group["lr"],
             beta1=rules.beta1,
             beta2=rules.beta2,
@@ -320,10 +345,13 @@ class SubsetNormOptimizer(Optimizer):
             weight_decay=group["weight_decay"],
             bias_correction=rules.bias_correction,
             layout=self._layout(p, group, rules),
-            subspace=sub,
+            subspace=self._subspace(p, group, rules, index),
             warn=self._warn_once,
         )
-        return step_
+        if use_fused:
+            fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **kwargs)
+        else:
+            sn_step_(p, p.grad, self.state[p], **kwargs)
 
     # ---------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict) -> None:
@@ -352,7 +380,7 @@ def _refresh_projector(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub
     Returns True when a new basis replaced an earlier one at this step.
     """
     proj_step = int(state["proj_step"])
-    if proj_step != 0 and step % sub.gap != 0:
+    if proj_step != 0 and (step + sub.offset) % sub.gap != 0:
         return False
     gen = None
     if "seed" in state:

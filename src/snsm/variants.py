@@ -58,9 +58,10 @@ class AdamWSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype))
+                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         beta1, beta2 = _betas(group)
@@ -107,13 +108,15 @@ class AdamWSNSM(AdamWSN):
         proj: str = "svd",
         proj_gap: int = 200,
         refresh: str = "transport",
+        stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
-                 proj=proj, proj_gap=proj_gap, refresh=refresh, seed=seed, state_dtype=state_dtype),
+                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -145,9 +148,10 @@ class AdaGradSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype))
+                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         return Rules(check_beta("momentum", group["momentum"]), 1.0, bias_correction=False, subspace=False)
@@ -180,13 +184,15 @@ class AdaGradSNSM(AdaGradSN):
         proj: str = "svd",
         proj_gap: int = 200,
         refresh: str = "transport",
+        stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
-                 proj=proj, proj_gap=proj_gap, refresh=refresh, seed=seed, state_dtype=state_dtype),
+                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -214,9 +220,10 @@ class RMSpropSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype))
+                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         return Rules(0.0, check_beta("alpha", group["alpha"]), bias_correction=False, subspace=False)
@@ -246,13 +253,15 @@ class SGDSM(SubsetNormOptimizer):
         proj: str = "svd",
         proj_gap: int = 200,
         refresh: str = "transport",
+        stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, subset_size=None, rank=rank, proj=proj,
-                 proj_gap=proj_gap, refresh=refresh, seed=seed, state_dtype=state_dtype),
+                 proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:

@@ -1,0 +1,435 @@
+r"""AdaGO: AdaGrad-Norm step sizes for Muon's orthogonalized momentum.
+
+From "AdaGrad Meets Muon: Adaptive Stepsizes for Orthogonal Updates"
+(Zhang, Liu & Schaeffer, arXiv 2509.02981). For every matrix ``W`` (a tensor
+with ``ndim >= 2`` is viewed as ``(shape[0], prod(shape[1:]))``) with gradient
+``G_t``:
+
+.. math::
+
+    M_t = \mu M_{t-1} + (1 - \mu) G_t
+
+    O_t = \mathrm{NS}_k(M_t) \approx U V^\top \quad (M_t = U \Sigma V^\top)
+
+    v_t^2 = v_{t-1}^2 + \min(\lVert G_t \rVert_F^2, \gamma^2)
+
+    \alpha_t = \max\bigl(\epsilon,\ \eta_t \min(\lVert G_t \rVert_F, \gamma) / v_t\bigr)
+
+    W \leftarrow (1 - \eta_t \lambda) W - s\, \alpha_t O_t
+
+``NS_k`` is ``k`` steps of the quintic Newton-Schulz iteration with
+``torch.optim.Muon``'s coefficients ``(3.4445, -4.7750, 2.0315)`` and its
+normalisation (divide by the Frobenius norm, clamped at 1e-7; iterate on the
+wide orientation). It does not converge to ``U V^T`` exactly: the singular
+values of ``O_t`` land in roughly [0.7, 1.2]. ``s`` is the shape factor of
+``adjust_lr_fn``: ``None`` (default) is 1, the paper's update;
+``"original"`` is ``sqrt(max(1, m / n))`` (Keller Jordan's Muon, and the
+default of ``torch.optim.Muon``); ``"match_rms_adamw"`` is
+``0.2 sqrt(max(m, n))`` (Moonshot's). Weight decay is decoupled and applied
+before the update with the scheduled ``eta_t``, as ``torch.optim.Muon`` does.
+
+State per matrix: ``step``, the momentum ``exp_avg`` (parameter-shaped) and
+``v_sq`` (``v_t^2``, one float32 scalar): one scalar beyond Muon.
+
+**Momentum convention.** ``torch.optim.Muon``'s docstring writes heavy-ball
+momentum ``B_t = mu B_{t-1} + G_t``, but its code (torch 2.13,
+``buf.lerp_(grad, 1 - momentum)``) keeps the EMA ``(1 - mu)``-weighted form,
+the same as AdaGO's ``M_t``. The two differ only by the factor ``1 - mu``,
+which Newton-Schulz normalises away. With ``adaptive=False`` (``alpha_t = eta_t``),
+``ns_dtype="bfloat16"``, ``nesterov=False`` and the same ``adjust_lr_fn``,
+``weight_decay`` and NS settings, AdaGO takes exactly ``torch.optim.Muon``'s
+steps (tested bit for bit). ``nesterov=True`` uses Muon's
+``G_t + mu (M_t - G_t)`` (``G_t.lerp(M_t, mu)``) as the input to NS.
+
+**Routing (one optimizer object).** Groups whose ``subset_size`` is ``None``
+(the coordinate-wise group :func:`snsm.param_groups` builds for embeddings,
+norms and biases) are stepped with AdamW (the library's functional
+:func:`snsm.optimizer.sn_step_`, coordinate-wise, bias-corrected, betas
+``adamw_betas``, eps ``adamw_eps``, decoupled weight decay after the update).
+Such a group that does not set its own ``lr`` gets ``lr = adamw_lr``, so a
+learning-rate scheduler drives both parts. Every other group must hold only
+matrices (a vector there is a ``ValueError`` naming its shape, as
+``torch.optim.Muon`` refuses non-matrices).
+
+**Defaults** (``lr=0.1``, ``gamma=10``, ``v0=1e-2``, ``eps=1e-6``,
+``momentum=0.95`` as Muon) come from a small experiment
+(``benchmarks/adago_defaults.py``, results in ``benchmarks/adago_defaults.md``):
+a 3-layer MLP student fitting a random teacher, 300 steps, 3 seeds, varying one
+option at a time, in two settings: clipped to global norm 1.0 (per-matrix
+gradient norms ~0.006) and unclipped with 30x targets (norms ~3).
+
+* ``lr``: 0.1-0.2 best in both settings; 0.05 undertrains the unclipped one.
+* ``v0``: flat over [1e-3, 1e-1]; ``v0 = 1`` (above the gradient norms) was
+  worse in both. ``v0`` only needs to be positive (the first step is then
+  defined for a zero gradient) and below the first clipped gradient norm, so
+  that ``alpha_1 ~ eta``.
+* ``gamma``: inert whenever it exceeds the gradient norms (any value in the
+  clipped setting); in the unclipped setting ``gamma <= 1`` (below the norms)
+  turns the rule into ``eta / sqrt(t)`` and lost (loss 7.4-10 vs 2.9 at
+  ``gamma >= 10``). So ``gamma`` should sit above typical per-matrix
+  gradient norms and only clip spikes; 10 does that here. With
+  ``clip_grad_norm_(..., 1.0)`` any ``gamma >= 1`` is inert.
+* ``eps``: a floor on ``alpha_t`` (not a denominator guard); no effect up to
+  1e-3 in 300 steps in either setting. A large floor stops the AdaGrad decay, so it stays tiny.
+  It is absolute: a scheduler at ``lr=0`` still moves by ``eps``.
+
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Optional, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+from .optimizer import STATE_DTYPES, check_beta, sn_step_
+from .subset_norm import subset_layout
+
+__all__ = ["AdaGO", "newton_schulz", "NS_COEFFICIENTS"]
+
+logger = logging.getLogger(__name__)
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic coefficients
+NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def newton_schulz(
+    x: torch.Tensor,
+    steps: int = 5,
+    coefficients: Tuple[float, float, float] = NS_COEFFICIENTS,
+    dtype: torch.dtype = torch.bfloat16,
+    eps: float = NS_EPS,
+) -> torch.Tensor:
+    r"""Approximate ``U V^T`` of a matrix ``x = U S V^T`` by the quintic Newton-Schulz iteration.
+
+    Same arithmetic as ``torch.optim.Muon`` (torch 2.13): cast to ``dtype``,
+    work on the wide orientation, divide by the Frobenius norm (clamped at
+    ``eps``), then ``steps`` times ``A = X X^T;  X <- a X + (b A + c A^2) X``.
+    Returns a new tensor of ``x``'s shape in ``dtype``; ``x`` is not modified.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"newton_schulz expects a matrix, got shape {tuple(x.shape)}")
+    a, b, c = coefficients
+    y = x.to(dtype, copy=True)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        y = y.T
+    y.div_(y.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = y @ y.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.addmm(y, poly, y, beta=a)
+    return y.T if tall else y
+
+
+def _shape_factor(fn: Optional[str], m: int, n: int) -> float:
+    if fn == "original":
+        return math.sqrt(max(1.0, m / n)) if n else 1.0
+    if fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    return 1.0
+
+
+def _number(name: str, value, low: float, *, low_open: bool = False, allow_inf: bool = True) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a number)")
+    bad = math.isnan(value) or value < low or (low_open and value == low) or (not allow_inf and math.isinf(value))
+    if bad:
+        bound = f"({low}, {'inf]' if allow_inf else 'inf)'}" if low_open else f"[{low}, {'inf]' if allow_inf else 'inf)'}"
+        raise ValueError(f"Invalid {name}: {value} (allowed range {bound})")
+    return float(value)
+
+
+class AdaGO(Optimizer):
+    r"""AdaGO: orthogonalized momentum with an AdaGrad-Norm step size; AdamW for the rest.
+
+    See :mod:`snsm.adago` for the update, the routing of non-matrix
+    parameters, the momentum convention and how the defaults were chosen.
+
+    Args:
+        params: parameters or groups; use ``snsm.param_groups(model)`` so that
+            linear weights are orthogonalized and everything else gets AdamW.
+        lr: ``eta``, the step-size scale of orthogonalized updates.
+        momentum: ``mu`` in ``[0, 1)``, an EMA coefficient.
+        gamma: clip on the gradient norm inside the accumulator, ``(0, inf]``.
+        eps: floor on the step size ``alpha_t``, ``[0, inf)``.
+        v0: initial ``v`` (``v_0^2`` starts the accumulator), ``(0, inf)``.
+        weight_decay: decoupled, ``W <- (1 - eta_t lambda) W``.
+        nesterov: feed ``G_t.lerp(M_t, mu)`` to Newton-Schulz (Muon's Nesterov).
+        ns_steps: Newton-Schulz iterations, ``[1, 99]``.
+        ns_coefficients: the quintic's ``(a, b, c)``.
+        ns_dtype: ``"bfloat16"`` (Muon's choice; fast on GPUs) or ``"float32"``.
+        adaptive: ``False`` replaces ``alpha_t`` by ``eta_t`` (Muon's constant
+            step; the accumulator is then not updated).
+        adjust_lr_fn: ``None`` (paper), ``"original"`` or ``"match_rms_adamw"``
+            (torch.optim.Muon's shape factors).
+        adamw_lr: ``lr`` of ``subset_size=None`` groups that do not set one.
+        adamw_betas, adamw_eps: AdamW's for those groups.
+        state_dtype: as in the other snsm optimizers (``None``: float32 for
+            bf16/fp16 parameters, else the parameter's dtype). ``v_sq`` is
+            always float32.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.1,
+        momentum: float = 0.95,
+        gamma: float = 10.0,
+        eps: float = 1e-6,
+        v0: float = 1e-2,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        ns_steps: int = 5,
+        ns_coefficients: Tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_dtype: Any = "bfloat16",
+        adaptive: bool = True,
+        adjust_lr_fn: Optional[str] = None,
+        adamw_lr: float = 3e-3,
+        adamw_betas: Tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        subset_size: Optional[str] = "auto",
+        rank: Optional[int] = None,
+        state_dtype: Optional[str] = None,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, gamma=gamma, eps=eps, v0=v0, weight_decay=weight_decay,
+            nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients) if isinstance(
+                ns_coefficients, (list, tuple)) else ns_coefficients,
+            ns_dtype=ns_dtype, adaptive=adaptive, adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr,
+            adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, (list, tuple)) else adamw_betas,
+            adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, state_dtype=state_dtype,
+        )
+        _number("adamw_lr", adamw_lr, 0.0)
+        self._warned: set = set()
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- validation
+    def add_param_group(self, param_group: dict) -> None:
+        param_group = dict(param_group)
+        if param_group.get("subset_size", self.defaults["subset_size"]) is None and "lr" not in param_group:
+            param_group["lr"] = self.defaults["adamw_lr"]
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for key in ("ns_dtype", "state_dtype"):
+                value = group[key]
+                if isinstance(value, torch.dtype):
+                    table = NS_DTYPES if key == "ns_dtype" else STATE_DTYPES
+                    names = {v: k for k, v in table.items()}
+                    if value not in names:
+                        raise ValueError(f"Invalid {key}: {value} (allowed: {', '.join(table)})")
+                    group[key] = names[value]
+            for key in ("ns_coefficients", "adamw_betas"):
+                if isinstance(group[key], list):
+                    group[key] = tuple(group[key])
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(f"AdaGO does not support complex parameters (got {p.dtype})")
+                if not p.is_floating_point():
+                    raise TypeError(f"AdaGO needs floating-point parameters (got {p.dtype})")
+                if self._orthogonal(group) and p.ndim < 2:
+                    raise ValueError(
+                        f"AdaGO orthogonalizes matrices, but a parameter of shape {tuple(p.shape)} is in a group "
+                        f"with subset_size={group['subset_size']!r}: put vectors and scalars in a group with "
+                        "subset_size=None (AdamW); snsm.param_groups(model) does"
+                    )
+            self._validate_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _orthogonal(group: dict) -> bool:
+        return group["subset_size"] is not None
+
+    def _validate_group(self, group: dict) -> None:
+        _number("lr", group["lr"], 0.0)
+        _number("weight_decay", group["weight_decay"], 0.0)
+        size = group["subset_size"]
+        if size is not None and size != "auto":
+            raise ValueError(
+                f"Invalid subset_size: {size!r}: in AdaGO it routes a group (allowed: 'auto' = orthogonalized "
+                "matrices, None = AdamW)"
+            )
+        if group["rank"] is not None:
+            raise ValueError(f"Invalid rank: {group['rank']!r}: AdaGO has no subspace variant (allowed: None)")
+        if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
+        betas = group["adamw_betas"]
+        if not isinstance(betas, tuple) or len(betas) != 2:
+            raise ValueError(f"Invalid adamw_betas: {betas!r} (expected a pair (beta1, beta2))")
+        check_beta("adamw_betas[0]", betas[0])
+        check_beta("adamw_betas[1]", betas[1])
+        _number("adamw_eps", group["adamw_eps"], 0.0, allow_inf=False)
+        if not self._orthogonal(group):
+            return
+        check_beta("momentum", group["momentum"])
+        _number("gamma", group["gamma"], 0.0, low_open=True)
+        _number("eps", group["eps"], 0.0, allow_inf=False)
+        _number("v0", group["v0"], 0.0, low_open=True, allow_inf=False)
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 99:
+            raise ValueError(f"Invalid ns_steps: {steps!r} (allowed: an int in [1, 99])")
+        coeffs = group["ns_coefficients"]
+        if not isinstance(coeffs, tuple) or len(coeffs) != 3 or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs):
+            raise ValueError(f"Invalid ns_coefficients: {coeffs!r} (expected three finite numbers (a, b, c))")
+        if group["ns_dtype"] not in NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: {', '.join(NS_DTYPES)})")
+        for key in ("nesterov", "adaptive"):
+            if not isinstance(group[key], bool):
+                raise TypeError(f"Invalid {key}: {group[key]!r} (expected True or False)")
+        if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+            raise ValueError(
+                f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r} (allowed: None, 'original', 'match_rms_adamw')"
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # ---------------------------------------------------------------- state
+    @staticmethod
+    def _state_dtype(p: torch.Tensor, group: dict) -> torch.dtype:
+        if group["state_dtype"] is not None:
+            return STATE_DTYPES[group["state_dtype"]]
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+    def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = self._state_dtype(p, group)
+        spec = {"exp_avg": (tuple(p.shape), dtype)}
+        if self._orthogonal(group):
+            spec["v_sq"] = ((), torch.float32)
+        else:
+            spec["exp_avg_sq"] = (tuple(p.shape), dtype)
+        return spec
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        for key, (shape, dtype) in self._state_spec(p, group).items():
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if "v_sq" in state:
+            state["v_sq"].fill_(float(group["v0"]) ** 2)
+
+    def _check_state(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state.get(p)
+        if not state:
+            return
+        for key, (shape, _) in self._state_spec(p, group).items():
+            have = state.get(key)
+            if have is None or tuple(have.shape) != tuple(shape):
+                raise ValueError(
+                    f"AdaGO: state {key!r} of a parameter of shape {tuple(p.shape)} is "
+                    f"{None if have is None else tuple(have.shape)}, but its group needs {tuple(shape)} "
+                    "(was the parameter moved between the orthogonalized and the AdamW groups?)"
+                )
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Perform one optimization step. Validates everything before changing anything."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = []
+        for group in self.param_groups:
+            self._validate_group(group)
+            params = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdaGO does not support sparse gradients")
+                if p.grad.is_complex():
+                    raise TypeError("AdaGO does not support complex gradients")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+                if self._orthogonal(group) and p.ndim < 2:
+                    raise ValueError(f"AdaGO orthogonalizes matrices; got a parameter of shape {tuple(p.shape)}")
+                self._check_state(p, group)
+                params.append(p)
+            plan.append((group, params))
+        for group, params in plan:
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group)
+                if self._orthogonal(group):
+                    self._orthogonal_step(p, group)
+                else:
+                    self._adamw_step(p, group)
+        return loss
+
+    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["adamw_betas"]
+        sn_step_(p, p.grad, self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
+                 weight_decay=group["weight_decay"], bias_correction=True, layout=subset_layout(p.shape, None),
+                 subspace=None, warn=self._warn_once)
+
+    def step_size(self, group: dict, grad: torch.Tensor, state: dict):
+        r"""``alpha_t`` for one matrix; updates the accumulator ``v_sq`` in place.
+
+        The hook a subclass overrides to try another step-size rule. Returns
+        ``eta_t`` when ``adaptive=False``, else a 0-d float32 tensor
+        ``max(eps, eta_t min(||G_t||, gamma) / v_t)`` with
+        ``v_t^2 = v_{t-1}^2 + min(||G_t||^2, gamma^2)``.
+        """
+        lr = group["lr"]
+        if not group["adaptive"]:
+            return lr
+        v_sq = state["v_sq"]
+        clipped = grad.float().square().sum().clamp(max=float(group["gamma"]) ** 2)
+        v_sq.add_(clipped)
+        alpha = clipped.sqrt().div(v_sq.sqrt()).mul(lr.to(v_sq.device) if torch.is_tensor(lr) else lr)
+        return alpha.clamp(min=float(group["eps"]))
+
+    def _orthogonal_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        state["step"] += 1
+        compute = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        g = p.grad.to(compute)
+        buf = state["exp_avg"]
+        work = buf if buf.dtype == compute else buf.to(compute)
+        mu = float(group["momentum"])
+        work.lerp_(g, 1.0 - mu)
+        update = g.lerp(work, mu) if group["nesterov"] else work
+        m = p.shape[0]
+        n = p.numel() // m if m else 0
+        ortho = newton_schulz(update.reshape(m, n), group["ns_steps"], group["ns_coefficients"],
+                              NS_DTYPES[group["ns_dtype"]]).reshape(p.shape)
+        alpha = self.step_size(group, g, state)
+        lr = group["lr"]
+        wd = float(group["weight_decay"])
+        if wd != 0.0:
+            p.mul_(1.0 - lr * wd)
+        scale = _shape_factor(group["adjust_lr_fn"], m, n)
+        if torch.is_tensor(alpha):
+            p.sub_((ortho.to(alpha.dtype) * (alpha * scale).to(ortho.device)).to(p.dtype))
+        else:
+            p.add_(ortho, alpha=-alpha * scale)  # torch.optim.Muon's exact arithmetic
+        if work is not buf:
+            buf.copy_(work)
+
+    # ---------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but state keeps its saved dtypes (float32 ``v_sq``)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in saved:
+                self.state[p] = {k: (v.to(device=p.device) if torch.is_tensor(v) and k != "step" else v)
+                                 for k, v in saved[i].items()}

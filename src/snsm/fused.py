@@ -1,0 +1,125 @@
+r"""The fast path: the same step as :func:`snsm.optimizer.sn_step_`, fewer passes.
+
+Full momentum / no momentum: one fused kernel pass per tensor
+(:mod:`snsm._kernels`), reading ``p, g, m`` and writing ``p, m`` once; the
+Subset-Norm sums are taken row by row while the row is in cache.
+
+Subspace momentum never materializes the numerator when the subsets line up
+with the projection (``subset_size="auto"``: one step size per row of the
+tall frame). With ``D`` the per-row denominator ``sqrt(v) + eps``:
+
+.. math::
+
+    \frac{A + (M - R) Q^T}{D} = \frac{A}{D} + \Bigl(\frac{M - R}{D}\Bigr) Q^T
+
+so the step is one small ``(M - R) / D`` (``M x r``), one rank-r ``addmm_``
+straight into the parameter, and the kernel's pass for ``A / D`` (for a row
+selection, an ``index_add_`` of ``r`` rows instead of the ``addmm_``). Other
+partitions build the numerator once in a scratch buffer and apply it with the
+kernel. State layout is identical to the reference path, so checkpoints move
+between paths.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import subspace as sm
+from ._kernels import cpu_kernel
+from .subset_norm import SubsetLayout
+
+__all__ = ["supports", "sn_step_fused_"]
+
+_EMPTY = torch.empty(0)
+
+
+def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
+    """Whether the fused kernel handles this parameter (CPU, float32 parameter, grad and state)."""
+    return (
+        param.device.type == "cpu"
+        and param.dtype == torch.float32
+        and state_dtype == torch.float32
+        and param.is_contiguous()
+        and param.grad is not None
+        and param.grad.dtype == torch.float32
+        and cpu_kernel() is not None
+    )
+
+
+def _kernel_layout(layout: Optional[SubsetLayout]):
+    """(kind, row_len) for the kernel: 0 coordinate-wise, 1 contiguous rows, 2 columns."""
+    if layout is None or layout.coordinate_wise:
+        return 0, 0
+    rows, cols = layout.view
+    return (1, cols) if layout.dim == 1 else (2, cols)
+
+
+def _second_moment(beta2):
+    if beta2 is None:
+        return 1.0, 0.0
+    return (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
+
+
+def sn_step_fused_(
+    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn, scratch
+) -> None:
+    """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
+    from .optimizer import _refresh_projector
+
+    k = cpu_kernel()
+    state["step"] += 1
+    step = int(state["step"].item())
+    lr = float(lr)
+    scale = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if bias_correction else 1.0)
+    decay = 1.0 - lr * weight_decay
+    v_decay, v_gain = _second_moment(beta2)
+    v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
+    kind, row_len = _kernel_layout(layout)
+    g = grad if grad.is_contiguous() else grad.contiguous()
+
+    if subspace is None:
+        m = state["exp_avg"] if beta1 > 0 else _EMPTY
+        k.sn_step(param, g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale, decay)
+        return
+
+    is_tall = subspace.is_tall
+    gm = g.view(subspace.shape)
+    pm = param.view(subspace.shape)
+    a = sm.tall(gm, is_tall)
+    mom = sm.tall(state["exp_avg"], is_tall)
+    refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
+    p = state["proj"]
+    r = sm.project(a, p)
+    mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+    if beta2 is not None:
+        k.sn_accumulate(g, v, kind, row_len, v_decay, v_gain)
+    aligned = beta2 is None or (layout is not None and not layout.coordinate_wise and layout.target == 0)
+    if aligned:
+        # per-row denominators of the tall frame ("auto": rows of a tall G, columns of a wide one)
+        x = mom - r
+        if beta2 is not None:
+            d = sm.tall(v.view(layout.state_shape), is_tall).sqrt().add_(eps)
+            x = x / (d if p.is_floating_point() else d.index_select(0, p))
+        if p.is_floating_point():
+            if is_tall:
+                pm.addmm_(x, p.T, alpha=-scale)
+            else:
+                pm.addmm_(p, x.T, alpha=-scale)
+        else:
+            pm.index_add_(0 if is_tall else 1, p, x if is_tall else x.T, alpha=-scale)
+        k.sn_step(param, g, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, False, eps, scale, decay)
+    else:
+        key = (tuple(param.shape), param.dtype)
+        buf = scratch.get(key)
+        if buf is None:
+            buf = scratch[key] = torch.empty_like(param)
+        num = sm.tall(buf.view(subspace.shape), is_tall)
+        if p.is_floating_point():
+            torch.addmm(a, mom - r, p.T, out=num)
+        else:
+            num.copy_(a).index_copy_(0, p, mom)
+        k.sn_step(param, buf, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, False, eps, scale, decay)
+    if refreshed and subspace.refresh == "reference":
+        mom.zero_()
