@@ -1,0 +1,137 @@
+"""The fused fast path against the reference (for-loop) path: same trajectory, same state."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import snsm
+from snsm import fused
+from snsm._kernels import cpu_kernel, unavailable_reason
+from conftest import PROJECTIONS, SM_CLASSES, SN_CLASSES
+
+pytestmark = pytest.mark.skipif(cpu_kernel() is None, reason=f"fused CPU kernel unavailable: {unavailable_reason()}")
+
+
+def model():
+    torch.manual_seed(0)
+    # tall, wide, square, conv-like and vector parameters
+    return nn.ModuleDict(dict(
+        tall=nn.Linear(12, 40), wide=nn.Linear(40, 9), sq=nn.Linear(16, 16, bias=False),
+        conv=nn.Conv2d(3, 8, 3), norm=nn.LayerNorm(9),
+    ))
+
+
+def groups(m, subset_size, sm_opts):
+    mats = [m["tall"].weight, m["wide"].weight, m["sq"].weight, m["conv"].weight]
+    rest = [p for p in m.parameters() if all(p is not q for q in mats)]
+    g = {"params": mats, **sm_opts}
+    if subset_size != "default":
+        g["subset_size"] = subset_size
+    return [g, {"params": rest, "subset_size": None, "rank": None}]
+
+
+def run(name, use_fused, subset_size="auto", proj="svd", steps=7, weight_decay=0.1):
+    m = model()
+    sm_opts = dict(rank=3, proj=proj, proj_gap=3) if name in SM_CLASSES else {}
+    if name == "SGDSM":
+        subset_size = None
+    opt = getattr(snsm, name)(groups(m, subset_size, sm_opts), lr=1e-2, weight_decay=weight_decay, fused=use_fused)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return m, opt
+
+
+CASES = [(n, s, p) for n in SN_CLASSES for s in ("auto", 16, None)
+         for p in (PROJECTIONS if n in SM_CLASSES else [None]) if not (n == "SGDSM" and s != "auto")]
+
+
+@pytest.mark.parametrize("name, subset_size, proj", CASES, ids=[f"{n}-{s}-{p}" for n, s, p in CASES])
+def test_fused_matches_reference(name, subset_size, proj):
+    mf, of = run(name, True, subset_size, proj)
+    mr, orf = run(name, False, subset_size, proj)
+    for (key, a), b in zip(mf.named_parameters(), mr.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    sf, sr = of.state_dict()["state"], orf.state_dict()["state"]
+    assert sf.keys() == sr.keys()
+    for i in sf:
+        assert sf[i].keys() == sr[i].keys()
+        for k in sf[i]:
+            assert sf[i][k].shape == sr[i][k].shape and sf[i][k].dtype == sr[i][k].dtype
+            assert torch.allclose(sf[i][k].float(), sr[i][k].float(), rtol=1e-4, atol=1e-6), (i, k)
+
+
+def test_checkpoint_moves_between_paths():
+    """State saved by the fused path continues on the reference path, and the other way round."""
+    for first, second in ((True, False), (False, True)):
+        m, opt = run("AdamWSNSM", first, steps=4)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+        ref_m, ref_opt = run("AdamWSNSM", second, steps=4)
+        ref_opt.load_state_dict(sd)
+        with torch.no_grad():
+            for p, q in zip(ref_m.parameters(), m.parameters()):
+                p.copy_(q)
+        for o, mm in ((opt, m), (ref_opt, ref_m)):
+            gen = torch.Generator().manual_seed(99)
+            for _ in range(3):
+                for p in mm.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen)
+                o.step()
+        for p, q in zip(m.parameters(), ref_m.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_true_on_an_unsupported_parameter_is_a_clear_error():
+    p = nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = snsm.AdamWSN([p], fused=True)
+    p.grad = torch.randn(8, 4).bfloat16()
+    with pytest.raises(RuntimeError, match="fused=True"):
+        opt.step()
+    assert not opt.state[p]  # nothing happened
+    with pytest.raises(ValueError, match="fused"):
+        snsm.AdamWSN([p], fused="yes")
+
+
+def test_default_path_is_the_fused_one_where_it_applies():
+    p = nn.Parameter(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    assert fused.supports(p, torch.float32)
+    assert not fused.supports(p.detach().bfloat16().requires_grad_(), torch.float32)
+
+
+def refresh_steps(opt, m, steps):
+    seen = {id(p): [] for p in m.parameters()}
+    for _ in range(steps):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for p in m.parameters():
+            st = opt.state[p]
+            if "proj_step" in st and int(st["proj_step"]) == int(st["step"]):
+                seen[id(p)].append(int(st["step"]))
+    return [v for v in seen.values() if v]
+
+
+def test_staggered_refreshes_spread_over_the_gap():
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(6)])
+    opt = snsm.AdamWSNSM(m.parameters(), rank=2, proj_gap=10)
+    per_matrix = refresh_steps(opt, m, 30)
+    later = [s for steps in per_matrix for s in steps if s > 1]
+    assert len(set(later)) >= 5  # six matrices refresh on (nearly) distinct steps
+    for steps in per_matrix:  # each still refreshes once every gap after the first basis
+        assert steps[0] == 1 and all(b - a == 10 for a, b in zip(steps[1:], steps[2:]))
+
+
+def test_synchronized_refresh_when_asked_and_for_the_reference_policy():
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)])
+    for opts in (dict(stagger=False), dict(refresh="reference")):
+        opt = snsm.AdamWSNSM(m.parameters(), rank=2, proj_gap=10, **opts)
+        assert all(steps == [1, 10, 20, 30] for steps in refresh_steps(opt, m, 30))
