@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: test bench venv clean
+.PHONY: test bench speed venv clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m snsm.bench
+
+# Optimizer step time vs torch AdamW (fused and foreach), LLaMA-20M/60M shapes; writes results/speed/
+speed: $(VENV)/.installed
+	$(PY) -m snsm.bench.speed
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

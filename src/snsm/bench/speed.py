@@ -1,0 +1,189 @@
+"""Optimizer step-time benchmark: snsm's paths side by side with torch's AdamW.
+
+``python -m snsm.bench.speed`` (``make speed``) builds the parameter shapes of
+LLaMA-20M and LLaMA-60M (embedding and untied head included), gives every
+parameter a fixed random gradient, and times ``optimizer.step()`` for each
+optimizer and path in one process, interleaved in blocks so machine noise hits
+all alike. It prints and saves (``--out``, default ``results/speed``) a table
+with, per row: median step time as a ratio to ``torch.optim.AdamW(fused=True)``
+and to ``AdamW(foreach=True)``; for subspace-momentum rows the mean over a
+whole ``proj_gap`` cycle (every projector refresh included) and the worst
+single step as a ratio to the median; optimizer-state bytes; and the peak
+tensor memory of a step (parameters, gradients, state and temporaries, as
+torch's MemTracker counts them; LAPACK workspace excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import snsm
+
+logger = logging.getLogger(__name__)
+
+SHAPES = {  # hidden, intermediate, layers, vocab (the GaLore / SN-SM LLaMA configs, 32k vocab)
+    "llama_20m": (256, 688, 4, 32000),
+    "llama_60m": (512, 1376, 8, 32000),
+}
+
+
+def llama_like(name: str) -> nn.Module:
+    h, i, layers, v = SHAPES[name]
+    torch.manual_seed(0)
+    mods = [nn.Embedding(v, h)]
+    for _ in range(layers):
+        mods += [nn.Linear(h, h, bias=False) for _ in range(4)]
+        mods += [nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)]
+        mods += [nn.RMSNorm(h), nn.RMSNorm(h)]
+    mods += [nn.RMSNorm(h), nn.Linear(h, v, bias=False)]
+    model = nn.ModuleList(mods)
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return model
+
+
+def configs(rank: int, gap: int):
+    """name -> factory(model). Default options unless the name says otherwise."""
+    sm = dict(rank=rank, proj_gap=gap)
+    return {
+        "AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True),
+        "AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
+        "AdamWSN": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2),
+        "AdamWSN reference": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False),
+        "RMSpropSN": lambda m: snsm.RMSpropSN(snsm.param_groups(m)),
+        "AdamWSNSM": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=1e-2),
+        "AdamWSNSM reference": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=1e-2, fused=False),
+        "AdamWSNSM synchronized": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, stagger=False, **sm), lr=1e-2),
+        "AdamWSNSM svd": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="svd", **sm), lr=1e-2),
+        "AdamWSNSM randomized": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="randomized", **sm), lr=1e-2),
+        "AdamWSNSM srht": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="srht", **sm), lr=1e-2),
+        "AdamWSNSM topk": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="topk", **sm), lr=1e-2),
+        "AdaGradSNSM": lambda m: snsm.AdaGradSNSM(snsm.param_groups(m, **sm)),
+        "SGDSM": lambda m: snsm.SGDSM(snsm.param_groups(m, **sm)),
+    }
+
+
+def state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def peak_step_bytes(model, opt) -> int:
+    """Peak tensor bytes during one step (parameters, gradients, state and temporaries), as
+    torch's MemTracker counts them; LAPACK's internal SVD workspace is not a tensor and is missed."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        opt.step()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return int(sum(per_device["Total"] for per_device in snapshot.values()))
+
+
+def time_steps(opt, n: int):
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        opt.step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int, reference_steps: int):
+    factories = configs(rank, gap)
+    opts, times, models = {}, {}, {}
+    for label in selected:
+        models[label] = llama_like(name)
+        opts[label] = factories[label](models[label])
+        time_steps(opts[label], 1)  # state creation and the first bases
+        times[label] = []
+    # interleave blocks; a subspace row runs `cycles` full proj_gap cycles in total
+    total = max(gap * cycles, block)
+    for start in range(0, total, block):
+        for label, opt in opts.items():
+            if "reference" in label and len(times[label]) >= reference_steps:
+                continue
+            times[label] += time_steps(opt, block)
+    base_fused = statistics.median(times["AdamW fused"])
+    base_foreach = statistics.median(times["AdamW foreach"])
+    rows = []
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        subspace = isinstance(opts[label], (snsm.AdamWSNSM, snsm.AdaGradSNSM, snsm.SGDSM))
+        full_cycle = subspace and "reference" not in label
+        rows.append(dict(
+            model=name, optimizer=label, steps=len(ts), median_ms=1e3 * med,
+            vs_fused=med / base_fused, vs_foreach=med / base_foreach,
+            amortized_vs_fused=(statistics.mean(ts) / statistics.mean(times["AdamW fused"])) if full_cycle else None,
+            worst_over_median=(max(ts) / med) if full_cycle else None,
+            state_bytes=state_bytes(opts[label]),
+            peak_step_bytes=peak_step_bytes(models[label], opts[label]),
+        ))
+    return rows
+
+
+def table(rows) -> str:
+    head = ("| model | optimizer | steps | median ms | vs fused AdamW | vs foreach AdamW | amortized vs fused "
+            "| worst / median | state MB | step peak MB |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        am = f"{r['amortized_vs_fused']:.2f}x" if r["amortized_vs_fused"] is not None else ""
+        wm = f"{r['worst_over_median']:.1f}" if r["worst_over_median"] is not None else ""
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {r['steps']} | {r['median_ms']:.1f} | {r['vs_fused']:.2f}x "
+            f"| {r['vs_foreach']:.2f}x | {am} | {wm} | {r['state_bytes'] / 2**20:.1f} | {r['peak_step_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m snsm.bench.speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama_20m,llama_60m")
+    ap.add_argument("--optimizers", default=",".join(k for k in configs(64, 200) if k not in
+                                                     ("AdamWSNSM svd", "AdamWSNSM topk")),
+                    help="comma-separated rows (AdamW fused and foreach are always included)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--proj-gap", type=int, default=200)
+    ap.add_argument("--cycles", type=int, default=1, help="proj_gap cycles timed per subspace row")
+    ap.add_argument("--block", type=int, default=20, help="steps per interleaved block")
+    ap.add_argument("--reference-steps", type=int, default=20, help="steps timed on the slow reference path")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/speed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    known = configs(args.rank, args.proj_gap)
+    selected = ["AdamW fused", "AdamW foreach"] + [
+        s.strip() for s in args.optimizers.split(",") if s.strip() and s.strip() not in ("AdamW fused", "AdamW foreach")]
+    unknown = [s for s in selected if s not in known]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad_models = [m for m in models if m not in SHAPES]
+    if unknown or bad_models:
+        ap.error(f"unknown optimizer rows {unknown} / models {bad_models}; rows: {', '.join(known)}; "
+                 f"models: {', '.join(SHAPES)}")
+    rows = []
+    for name in models:
+        logger.info("timing %s ...", name)
+        rows += run_model(name, selected, args.rank, args.proj_gap, args.block, args.cycles, args.reference_steps)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m snsm.bench.speed " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    meta = dict(command=command.strip(), threads=args.threads, rank=args.rank, proj_gap=args.proj_gap,
+                torch=torch.__version__, rows=rows)
+    (out / "speed.json").write_text(json.dumps(meta, indent=1))
+    text = table(rows)
+    (out / "speed.md").write_text(f"`{meta['command']}` (torch {torch.__version__}, {args.threads} threads)\n\n{text}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
