@@ -28,6 +28,7 @@ import torch
 
 from . import subspace as sm
 from ._kernels import cpu_kernel
+from .distributed import is_dtensor
 from .subset_norm import SubsetLayout
 
 __all__ = ["supports", "sn_step_fused_"]
@@ -38,7 +39,8 @@ _EMPTY = torch.empty(0)
 def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
     """Whether the fused kernel handles this parameter (CPU, float32 parameter, grad and state)."""
     return (
-        param.device.type == "cpu"
+        not is_dtensor(param)
+        and param.device.type == "cpu"
         and param.dtype == torch.float32
         and state_dtype == torch.float32
         and param.is_contiguous()

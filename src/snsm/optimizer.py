@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional
 import torch
 from torch.optim import Optimizer
 
-from . import fused
+from . import distributed, fused
 from . import subspace as sm
 from ._kernels import unavailable_reason as kernel_error
 from .subset_norm import SubsetLayout, accumulate_, divide_by_root, subset_layout, validate_subset_size
@@ -272,12 +272,28 @@ class SubsetNormOptimizer(Optimizer):
     def _init_state(self, p, group, rules, index: int) -> None:
         state = self.state[p]
         state["step"] = torch.tensor(0.0)
+        sharded = distributed.is_dtensor(p)
         for key, (shape, dtype) in self._state_spec(p, group, rules).items():
-            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            if sharded:  # shard by the parameter's rows what is laid out by its rows
+                state[key] = distributed.state_tensor(p, shape, dtype, self._rows_sharded(p, group, rules, key))
+            else:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         if "proj" in state:
             state["proj_step"] = torch.tensor(0, dtype=torch.int64)
             if group["proj"] in _RANDOM_PROJECTIONS:
                 state["seed"] = torch.tensor(sm.next_seed(group["seed"] * 1_000_003 + index), dtype=torch.int64)
+
+    def _rows_sharded(self, p, group, rules, key: str) -> bool:
+        """Whether state ``key`` of a row-sharded parameter is laid out by the parameter's rows."""
+        if key == "proj":
+            return False
+        if key == "exp_avg_sq":
+            return distributed.rows_local(self._layout(p, group, rules), p.numel() // max(1, p.shape[0]) if p.ndim else 1)
+        sub = self._subspace(p, group, rules)
+        if sub is None:  # full momentum
+            return True
+        dense = sub.proj in sm.DENSE_PROJECTIONS
+        return dense == sub.is_tall  # m x r momentum: dense basis of a tall matrix, or columns of a wide one
 
     def _check_state(self, p, group, rules) -> None:
         state = self.state.get(p)
@@ -314,6 +330,8 @@ class SubsetNormOptimizer(Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
                 self._check_state(p, group, rules)
+                if distributed.is_dtensor(p):
+                    distributed.row_sharding(p)  # raises for layouts we do not handle
                 params.append((p, self._use_fused(p, group)))
             plan.append((group, rules, params))
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
@@ -348,7 +366,9 @@ class SubsetNormOptimizer(Optimizer):
             subspace=self._subspace(p, group, rules, index),
             warn=self._warn_once,
         )
-        if use_fused:
+        if distributed.is_dtensor(p):
+            distributed.sn_step_sharded_(p, p.grad, self.state[p], **kwargs)
+        elif use_fused:
             fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **kwargs)
         else:
             sn_step_(p, p.grad, self.state[p], **kwargs)
@@ -374,10 +394,15 @@ class SubsetNormOptimizer(Optimizer):
 
 
 # -------------------------------------------------------------------- functional form
-def _refresh_projector(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step: int, warn) -> bool:
+def _refresh_projector(
+    state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step: int, warn, build=None, local=None
+) -> bool:
     """Recompute the projector if due; apply the refresh policy to the momentum.
 
-    Returns True when a new basis replaced an earlier one at this step.
+    ``build(gen)`` returns the new projector or ``None`` (default: from the full
+    gradient ``g``); ``local`` is the tensor holding ``state["proj"]``'s values
+    (its local view when state is a DTensor). Returns True when a new basis
+    replaced an earlier one at this step.
     """
     proj_step = int(state["proj_step"])
     if proj_step != 0 and (step + sub.offset) % sub.gap != 0:
@@ -387,7 +412,7 @@ def _refresh_projector(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub
         seed = int(state["seed"])
         gen = torch.Generator(device=g.device).manual_seed(seed)
         state["seed"].fill_(sm.next_seed(seed))
-    new = sm.build_projector(sub.proj, g, sub.rank, gen)
+    new = build(gen) if build is not None else sm.build_projector(sub.proj, g, sub.rank, gen)
     if new is None:
         warn(
             f"proj{sub.shape}",
@@ -400,7 +425,7 @@ def _refresh_projector(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub
         new = sm.fallback_projector(sub.proj, sub.shape, sub.rank, g.device)
     else:
         state["proj_step"].fill_(step)
-    old = state["proj"]
+    old = state["proj"] if local is None else local
     if proj_step == 0 or sub.refresh == "reset":
         mom_tall.zero_()
     elif sub.refresh == "transport":

@@ -1,0 +1,269 @@
+r"""Row-sharded (FSDP2 / DTensor ``Shard(0)``) steps: local work, small collectives.
+
+A parameter sharded by rows over a 1-D device mesh (what ``fully_shard``
+makes, uneven shards included) is updated without gathering it. Every tensor
+is read in its matrix view ``(shape[0], prod(shape[1:]))``, so a rank owns the
+rows ``[r0, r0 + m_local)``. Per step, the communication is:
+
+=====================================  ===========================================
+Subset-Norm, coordinate-wise / per row  none (state sharded like the parameter)
+Subset-Norm, per column (wide "auto")   all-reduce of ``n`` column sums
+Subset-Norm, flat subsets (int size)    all-reduce of ``K ~ sqrt(d)`` subset sums
+SM, dense basis, tall matrix            none (``G Q`` and the momentum are row-local)
+SM, dense basis, wide matrix            all-reduce of ``R = Q^T G`` (``r x n``)
+SM, row selection, tall matrix          all-reduce of the ``r`` selected rows
+SM, row selection, wide matrix          none (selected columns are row-local)
+=====================================  ===========================================
+
+At a projector refresh (every ``proj_gap`` steps, staggered per matrix):
+``svd`` on a tall matrix all-reduces the ``n x n`` Gram matrix ``G^T G``
+(computed in float64, then ``eigh``); ``topk`` reduces row norms (all-gather
+of ``m`` values) or column sums (all-reduce of ``n``); ``uniform`` needs
+nothing (every rank draws the same seeded indices); ``svd`` on a wide matrix
+and ``randomized``/``srht`` all-gather the gradient once per refresh (for a
+wide matrix that is smaller than its ``n x n`` Gram matrix). Every rank ends
+with the same basis.
+
+State is stored as DTensors on the parameter's mesh: ``Shard(0)`` for state
+shaped like the parameter's rows (momentum, per-row or coordinate-wise
+accumulators, tall subspace momentum), ``Replicate()`` for the rest (bases,
+per-column or flat accumulators, wide subspace momentum), so Distributed
+Checkpoint saves each rank's rows and reshards on load. Scalars (``step``,
+``proj_step``, ``seed``) are plain tensors, identical on every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import subspace as sm
+from .subset_norm import SubsetLayout
+
+__all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_"]
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - older torch: no DTensor support
+    DTensor = None
+
+
+class RowShard(NamedTuple):
+    """Where a rank's rows sit in the matrix view of a row-sharded parameter."""
+
+    mesh: object
+    rows: int  # global rows (shape[0])
+    cols: int  # prod(shape[1:])
+    start: int  # first global row held here
+    count: int  # rows held here
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def row_sharding(p) -> RowShard:
+    """The row sharding of a DTensor parameter.
+
+    Raises for layouts this module does not handle (replicated DTensors, 2-D
+    meshes, ``Shard(d > 0)``); plain tensors (DDP) need no special handling.
+    """
+    placements = tuple(p.placements)
+    if p.device_mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise NotImplementedError(
+            f"snsm supports DTensor parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)); "
+            f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
+        )
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
+    rows = p.shape[0] if p.ndim else 1
+    cols = p.numel() // rows if rows else 0
+    return RowShard(p.device_mesh, rows, cols, offset[0] if p.ndim else 0, shape[0] if p.ndim else 1)
+
+
+def local(t):
+    """The local values of a DTensor (a view: in-place ops write through), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def state_tensor(p, shape, dtype, sharded_rows: bool):
+    """A zero state tensor for DTensor parameter ``p``: ``Shard(0)`` by ``p``'s rows, or ``Replicate()``."""
+    shard = row_sharding(p)
+    shape = tuple(shape)
+    if sharded_rows:
+        local_shape = (shard.count,) + shape[1:]
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        data = torch.zeros(local_shape, dtype=dtype, device=p.to_local().device)
+        return DTensor.from_local(data, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                                  stride=stride)
+    data = torch.zeros(shape, dtype=dtype, device=p.to_local().device)
+    return DTensor.from_local(data, p.device_mesh, [Replicate()], run_check=False)
+
+
+def rows_local(layout: Optional[SubsetLayout], cols: int) -> bool:
+    """Whether each subset lies in one row of the matrix view (so the accumulator shards by rows)."""
+    return layout is None or layout.coordinate_wise or (layout.dim == 1 and layout.view[1] == cols)
+
+
+def _all_reduce(t: torch.Tensor, shard: RowShard, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=shard.group)
+    return t
+
+
+def _usable(g_local: torch.Tensor, shard: RowShard) -> bool:
+    """All-zero or non-finite anywhere (on any rank) makes a gradient unusable for a projector."""
+    flags = torch.stack([(~torch.isfinite(g_local)).sum().float(), g_local.abs().amax() if g_local.numel() else
+                         g_local.new_zeros(())]).float()
+    # max-reduce: any rank's non-finite count, the global max magnitude
+    _all_reduce(flags, shard, dist.ReduceOp.MAX)
+    return bool(flags[0] == 0) and bool(flags[1] > 0)
+
+
+def _subset_sums(g2d: torch.Tensor, layout: SubsetLayout, shard: RowShard) -> torch.Tensor:
+    """sum_{j in S_i} g_j^2, shaped like the accumulator's values held on this rank."""
+    if layout.coordinate_wise:
+        return g2d * g2d
+    count, length = layout.view
+    if rows_local(layout, shard.cols):  # one subset per row: row-local
+        return (g2d * g2d).sum(dim=1, keepdim=True)
+    if layout.dim == 0:  # one subset per column: partial column sums, reduced
+        return _all_reduce((g2d * g2d).sum(dim=0, keepdim=True), shard)
+    # flat contiguous subsets may cross shard boundaries: scatter partial sums, reduce
+    first = shard.start * shard.cols
+    ids = torch.arange(first, first + g2d.numel(), device=g2d.device) // length
+    sums = g2d.new_zeros(count).index_add_(0, ids, (g2d * g2d).reshape(-1))
+    return _all_reduce(sums, shard).view(count, 1)
+
+
+def _denominator_like(num2d: torch.Tensor, v: torch.Tensor, layout: SubsetLayout, shard: RowShard, eps):
+    """``sqrt(v) + eps`` broadcast to this rank's rows (shape of ``num2d``)."""
+    d = v.sqrt().add_(eps)
+    if layout.coordinate_wise:
+        return d.reshape(num2d.shape)
+    count, length = layout.view
+    if rows_local(layout, shard.cols):
+        return d.view(-1, 1)  # (rows held here, 1) broadcasts over the row
+    if layout.dim == 0:
+        return d  # (1, n)
+    first = shard.start * shard.cols
+    ids = torch.arange(first, first + num2d.numel(), device=num2d.device) // length
+    return d.reshape(-1)[ids].view(num2d.shape)
+
+
+def _sharded_projector(proj, grad_dt, g_local, shard, rank, is_tall, gen):
+    """Build the same projector on every rank from reduced quantities (see module doc)."""
+    if not _usable(g_local, shard):
+        return None
+    if proj == "svd" and is_tall:
+        gram = g_local.double().T @ g_local.double()
+        _all_reduce(gram, shard)
+        try:
+            _, vecs = torch.linalg.eigh(gram)
+        except torch.linalg.LinAlgError:
+            return None
+        return vecs[:, -rank:].flip(-1).float().contiguous()
+    if proj == "topk" and is_tall:
+        norms_local = g_local.float().norm(dim=1)
+        norms = DTensor.from_local(norms_local, shard.mesh, [Shard(0)], run_check=False,
+                                   shape=torch.Size([shard.rows]), stride=(1,)).full_tensor()
+        return torch.topk(norms, rank).indices
+    if proj == "topk":
+        sq = _all_reduce((g_local.float() ** 2).sum(dim=0), shard)
+        return torch.topk(sq.sqrt(), rank).indices
+    if proj == "uniform":
+        return torch.randperm(max(shard.rows, shard.cols), generator=gen, device=g_local.device)[:rank]
+    full = grad_dt.full_tensor().reshape(shard.rows, shard.cols)
+    return sm.build_projector(proj, full, rank, gen)
+
+
+def sn_step_sharded_(
+    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
+) -> None:
+    """:func:`snsm.optimizer.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
+    from .optimizer import _refresh_projector
+    from .weight_decay import decoupled_weight_decay_
+
+    shard = row_sharding(param)
+    p2d = param.to_local().view(shard.count, shard.cols)
+    compute = torch.float32 if p2d.dtype in (torch.bfloat16, torch.float16) else p2d.dtype
+    g2d = grad.to_local().to(compute).reshape(shard.count, shard.cols)
+    state["step"] += 1
+    step = int(state["step"].item())
+    writeback = []
+
+    def working(t):
+        t = local(t)
+        if t.dtype == compute:
+            return t
+        w = t.to(compute)
+        writeback.append((t, w))
+        return w
+
+    if subspace is not None:
+        is_tall = subspace.is_tall
+        dense = subspace.proj in sm.DENSE_PROJECTIONS
+        mom = working(state["exp_avg"])  # gradient orientation; rows local when sharded
+        mom_a = sm.tall(mom, is_tall)
+        proj_local = local(state["proj"])
+
+        def build(gen):
+            return _sharded_projector(subspace.proj, grad, g2d, shard, subspace.rank, is_tall, gen)
+
+        refreshed = _refresh_projector(state, g2d, mom_a, subspace, step, warn, build=build, local=proj_local)
+        p = proj_local
+        rows = slice(shard.start, shard.start + shard.count)
+        if dense and is_tall:  # R = G Q, rows local
+            r = g2d @ p.to(compute)
+            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            num = torch.addmm(g2d, mom - r, p.to(compute).T)
+        elif dense:  # R = Q^T G summed over ranks; replicated momentum (r x n)
+            q_local = p[rows].to(compute)
+            r = _all_reduce(q_local.T @ g2d, shard)
+            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            num = torch.addmm(g2d, q_local, mom - r)
+        elif is_tall:  # selected global rows: the owners contribute them
+            held = (p >= shard.start) & (p < shard.start + shard.count)
+            r = g2d.new_zeros(subspace.rank, shard.cols)
+            r[held] = g2d[p[held] - shard.start]
+            _all_reduce(r, shard)
+            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            num = g2d.clone()
+            num[p[held] - shard.start] = mom[held]
+        else:  # selected columns of local rows
+            r = g2d.index_select(1, p)
+            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            num = g2d.index_copy(1, p, mom)
+        if refreshed and subspace.refresh == "reference":
+            mom.zero_()
+    elif beta1 > 0:
+        num = working(state["exp_avg"]).view(shard.count, shard.cols).mul_(beta1).add_(g2d, alpha=1.0 - beta1)
+    else:
+        num = g2d
+
+    if beta2 is not None:
+        v = working(state["exp_avg_sq"])
+        sums = _subset_sums(g2d, layout, shard).view(v.shape)
+        if beta2 == 1.0:
+            v.add_(sums)
+        else:
+            v.mul_(beta2).add_(sums, alpha=1.0 - beta2)
+        update = num / _denominator_like(num, v, layout, shard, eps)
+    else:
+        update = num
+
+    scale = lr
+    if bias_correction:
+        scale = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    if isinstance(scale, torch.Tensor):
+        p2d.sub_((update * scale).to(p2d.dtype))
+    else:
+        p2d.add_(update.to(p2d.dtype), alpha=-scale)
+    decoupled_weight_decay_(p2d, lr, weight_decay)
+    for target, w in writeback:
+        target.copy_(w)
