@@ -1,0 +1,181 @@
+"""Worker for tests/test_distributed.py: run with torch.distributed.run (gloo, CPU).
+
+usage: python -m torch.distributed.run --nproc_per_node N tests/dist_worker.py SCENARIO OUT_JSON [CKPT_DIR]
+Rank 0 writes a JSON dict of named boolean / numeric results to OUT_JSON.
+"""
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import snsm
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+RANK, WORLD = dist.get_rank(), dist.get_world_size()
+MESH = init_device_mesh("cpu", (WORLD,))
+SM = ("AdamWSNSM", "AdaGradSNSM", "SGDSM")
+
+
+def configs():
+    out = []
+    for name in ("AdamWSN", "AdaGradSN", "RMSpropSN"):
+        for subset in ("auto", 16, None):
+            out.append((name, dict(subset_size=subset)))
+    for name in SM:
+        for proj in ("svd", "randomized", "srht", "topk", "uniform"):
+            for refresh in ("transport", "reset"):
+                out.append((name, dict(rank=2, proj_gap=3, proj=proj, refresh=refresh)))
+    out.append(("AdamWSNSM", dict(rank=2, proj_gap=3, subset_size=16)))
+    return out
+
+
+def base_model():
+    torch.manual_seed(0)
+    # 7x9: uneven rows over 2 ranks; 12x7 tall; 5x12 wide (per-column subsets cross shards)
+    return nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 12, bias=False), nn.Tanh(), nn.Linear(12, 5))
+
+
+def make(name, model, options):
+    return getattr(snsm, name)(snsm.param_groups(model, **options), lr=1e-2)
+
+
+def sharded(model):
+    model = copy.deepcopy(model)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=MESH)
+    fully_shard(model, mesh=MESH)
+    return model
+
+
+def batch(t):
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.randn(8, 9, generator=g), torch.randn(8, 5, generator=g)
+
+
+def train(model, opt, steps, start=0, split=True):
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        if split:
+            x, y = x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full(model):
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def close(a, b):
+    return all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+
+
+def label(name, options):
+    return name + "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+
+
+def parity():
+    res = {}
+    for name, options in configs():
+        ref = base_model()
+        train(ref, make(name, ref, options), 6, split=False)
+        m = sharded(base_model())
+        train(m, make(name, m, options), 6)
+        res[label(name, options)] = close(full(m), list(ref.parameters()))
+    return res
+
+
+def ddp():
+    res = {}
+    for name, options in configs()[::3]:
+        ref = base_model()
+        train(ref, make(name, ref, options), 5, split=False)
+        m = DistributedDataParallel(base_model())
+        train(m, make(name, m.module, options), 5)
+        res[label(name, options)] = close(list(m.module.parameters()), list(ref.parameters()))
+    return res
+
+
+def dcp_resume(ckpt_root):
+    res = {}
+    for name, options in configs()[::2]:
+        key = label(name, options)
+        m = sharded(base_model())
+        o = make(name, m, options)
+        train(m, o, 6)
+        straight = full(m)
+        m2 = sharded(base_model())
+        o2 = make(name, m2, options)
+        train(m2, o2, 3)
+        msd, osd = get_state_dict(m2, o2)
+        path = os.path.join(ckpt_root, key.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        m3 = sharded(base_model())
+        o3 = make(name, m3, options)
+        msd3, osd3 = get_state_dict(m3, o3)  # a fresh optimizer: DCP initializes state with a zero step
+        sd = {"model": msd3, "optim": osd3}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(m3, o3, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        train(m3, o3, 3, start=3)
+        res[key] = all(torch.equal(x, y) for x, y in zip(full(m3), straight))
+        res[key + ":replicas"] = _same_replicated_state(o3)
+    return res
+
+
+def _same_replicated_state(opt):
+    """Every rank holds bit-identical replicated state (bases, column accumulators, scalars)."""
+    ok = True
+    for state in opt.state.values():
+        for v in state.values():
+            t = v.to_local() if hasattr(v, "to_local") and all(p.is_replicate() for p in v.placements) else (
+                None if hasattr(v, "to_local") else v)
+            if t is None:
+                continue
+            ref = t.clone()
+            dist.broadcast(ref, 0)
+            ok &= torch.equal(ref, t)
+    return ok
+
+
+def reshard_load(ckpt_root):
+    """Load checkpoints written by 2 ranks into this run's rank count and continue."""
+    res = {}
+    for name, options in configs()[::2]:
+        key = label(name, options)
+        path = os.path.join(ckpt_root, key.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-"))
+        m = sharded(base_model())
+        o = make(name, m, options)
+        train(m, o, 6, split=False)  # reference: uninterrupted, full batch on every rank
+        straight = full(m)
+        m3 = sharded(base_model())
+        o3 = make(name, m3, options)
+        msd3, osd3 = get_state_dict(m3, o3)
+        sd = {"model": msd3, "optim": osd3}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(m3, o3, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        train(m3, o3, 3, start=3, split=False)
+        res[key] = close(full(m3), straight)
+    return res
+
+
+if __name__ == "__main__":
+    scenario, out = sys.argv[1], sys.argv[2]
+    results = {"parity": parity, "ddp": ddp}.get(scenario)
+    results = results() if results else (dcp_resume(sys.argv[3]) if scenario == "dcp" else reshard_load(sys.argv[3]))
+    if RANK == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
