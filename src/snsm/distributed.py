@@ -182,6 +182,35 @@ def _sharded_projector(proj, grad_dt, g_local, shard, rank, is_tall, gen):
     return sm.build_projector(proj, full, rank, gen)
 
 
+def _fused_local(param, state, layout, shard) -> bool:
+    """The fused CPU kernel applies to a shard whose subsets are row-local (no collective needed)."""
+    from . import fused
+
+    p = param.to_local()
+    dtypes_ok = all(local(t).dtype == torch.float32 for k, t in state.items() if k in ("exp_avg", "exp_avg_sq"))
+    return (rows_local(layout, shard.cols) and p.device.type == "cpu" and p.dtype == torch.float32
+            and p.is_contiguous() and dtypes_ok and fused.cpu_kernel() is not None)
+
+
+def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
+    from .fused import _kernel_layout, _second_moment, _EMPTY, cpu_kernel
+
+    state["step"] += 1
+    step = int(state["step"].item())
+    lr = float(lr)
+    scale = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if bias_correction else 1.0)
+    v_decay, v_gain = _second_moment(beta2)
+    kind, row_len = _kernel_layout(layout)
+    if kind == 1:
+        row_len = shard.cols  # row-local subsets: the local shard's rows
+    g = grad.to_local()
+    g = g if g.is_contiguous() else g.contiguous()
+    m = local(state["exp_avg"]) if beta1 > 0 else _EMPTY
+    v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
+    cpu_kernel().sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale,
+                         1.0 - lr * weight_decay)
+
+
 def sn_step_sharded_(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
 ) -> None:
@@ -190,6 +219,9 @@ def sn_step_sharded_(
     from .weight_decay import decoupled_weight_decay_
 
     shard = row_sharding(param)
+    if subspace is None and _fused_local(param, state, layout, shard):
+        return _fused_local_step(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                 weight_decay=weight_decay, bias_correction=bias_correction, layout=layout, shard=shard)
     p2d = param.to_local().view(shard.count, shard.cols)
     compute = torch.float32 if p2d.dtype in (torch.bfloat16, torch.float16) else p2d.dtype
     g2d = grad.to_local().to(compute).reshape(shard.count, shard.cols)
