@@ -54,3 +54,14 @@ def test_dcp_resume_is_exact_and_reshards_to_one_rank(tmp_path):
     # the same checkpoints, written by 2 ranks, continue in a 1-rank run
     results = run("reshard", 1, tmp_path, ckpt)
     assert results and not failures(results)
+
+
+def test_readme_fsdp2_example_trains_and_checkpoints():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "fsdp2_train.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    final = float(proc.stdout.split("final loss ")[1].split(";")[0])
+    assert len(losses) == 3 and final < 0.2 * losses[0]
