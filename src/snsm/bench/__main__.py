@@ -1,0 +1,7 @@
+"""``python -m snsm.bench``: see :mod:`snsm.bench.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Command line: ``python -m snsm.bench`` / ``snsm-bench``.
+
+Examples::
+
+    python -m snsm.bench                          # default preset, all optimizers, ~20 min on 2 cores
+    python -m snsm.bench --preset smoke --out /tmp/smoke
+    python -m snsm.bench --optimizers adamw,adamw-snsm --steps 200
+    python -m snsm.bench --out results/default --resume       # continue a killed run
+    python -m snsm.bench --sweep lr --optimizers adamw,adamw-sn   # learning-rate sweep
+    python -m snsm.bench --data-files my_texts/ --preset default
+    python -m snsm.bench --preset paper-60m --device cuda          # GPU; streams allenai/c4
+
+Bad input exits with a one-line error (status 2) and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import BenchError
+
+log = logging.getLogger("snsm.bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise BenchError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+    p = _Parser(prog="snsm-bench", description="Pretraining benchmark: snsm optimizers vs AdamW and peers.")
+    p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
+    p.add_argument("--optimizers", help="comma-separated subset (default: the preset's list)")
+    p.add_argument("--out", help="output directory (default: results/<preset>[-sweep-lr])")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out from its checkpoints")
+    p.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG], streamed (needs the network)")
+    p.add_argument("--data-files", nargs="+", metavar="PATH", help="local .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--sweep", choices=["lr"], help="sweep the learning rate of each optimizer")
+    p.add_argument("--sweep-factors", default="0.3,1,3",
+                   help="multipliers of the configured lr to try with --sweep lr (default: 0.3,1,3)")
+    p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override one optimizer's lr")
+    p.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run for data parallelism (reserved: 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--workers", type=int, help="concurrent worker processes (default: CPU cores; 1 on GPU)")
+    p.add_argument("--cache-dir", help="tokenizer/token cache (default: $SNSM_BENCH_CACHE or .cache/snsm-bench)")
+    g = p.add_argument_group("overrides of the preset")
+    g.add_argument("--model", help="llama_9m, llama_20m, ..., llama_1b")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--batch-size", type=int, help="sequences per optimizer step")
+    g.add_argument("--micro-batch", type=int, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--eval-every", type=int, help="steps between evaluations")
+    g.add_argument("--eval-seqs", type=int, help="validation sequences per evaluation")
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--rank", type=int, help="subspace rank (default hidden // 4)")
+    g.add_argument("--proj-gap", type=int, help="steps between projector refreshes")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop every job after N steps of this invocation, leaving a checkpoint (continue with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    return p
+
+
+def _resolve_preset(args):
+    from .model import model_size
+    from .presets import get_preset
+
+    preset = get_preset(args.preset)
+    over = {k: getattr(args, k) for k in ("model", "steps", "seq_len", "batch_size", "micro_batch", "eval_every",
+                                          "eval_seqs", "ckpt_every", "vocab_size", "rank", "proj_gap")
+            if getattr(args, k) is not None}
+    for k, v in over.items():
+        if k != "model" and v < 1:
+            raise BenchError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    preset = dataclasses.replace(preset, **over)
+    size = model_size(preset.model)
+    if preset.rank is None:
+        preset = dataclasses.replace(preset, rank=size.hidden // 4)
+    if preset.steps < preset.eval_every:
+        raise BenchError(f"budget too small to evaluate: {preset.steps} steps but evaluations every "
+                         f"{preset.eval_every} steps (lower --eval-every or raise --steps)")
+    if preset.steps < 2:
+        raise BenchError(f"budget too small: {preset.steps} step(s); need at least 2")
+    if preset.vocab_size < 300:
+        raise BenchError(f"--vocab-size must be >= 300 (256 bytes + merges), got {preset.vocab_size}")
+    if preset.micro_batch and preset.batch_size % preset.micro_batch:
+        raise BenchError(f"--batch-size {preset.batch_size} is not a multiple of --micro-batch {preset.micro_batch}")
+    return preset
+
+
+def _device(spec: str) -> str:
+    import torch
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {spec}: CUDA is not available here")
+        return spec
+    if spec != "cpu":
+        raise BenchError(f"unknown --device {spec!r}; use cpu, cuda, cuda:N or auto")
+    return spec
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _lrs(args, names, table):
+    from .optimizers import REGISTRY, learning_rate
+    lrs = {n: learning_rate(n, table) for n in names}
+    for item in args.lr:
+        name, sep, value = item.partition("=")
+        if not sep or name not in REGISTRY:
+            raise BenchError(f"--lr expects NAME=LR with a known optimizer name, got {item!r}")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            raise BenchError(f"--lr {item!r}: {value!r} is not a number") from None
+        if not lrs[name] > 0:
+            raise BenchError(f"--lr {item!r}: the learning rate must be > 0")
+    return lrs
+
+
+def _prepare_data(args, preset, cache_dir: Path, out: Path):
+    """Documents -> tokenizer -> cached token arrays; returns their paths and facts for the summary."""
+    import random
+
+    import numpy as np
+
+    from . import textdata as data
+    from .tokenizer import eos_id, save_pretrained, text_fingerprint, train_tokenizer
+
+    if args.data_files and args.dataset:
+        raise BenchError("use either --dataset or --data-files, not both")
+    tok_cap = preset.tokenizer_chars
+    if args.dataset or (preset.dataset and not args.data_files):
+        src = data.StreamedDataset(args.dataset or preset.dataset, None if args.dataset else preset.dataset_config)
+        desc = src.description
+        tok_texts = data.take_chars(src.train_texts(), tok_cap or 50_000_000)
+        val = src.val_texts(preset.eval_seqs * preset.seq_len * data.CHARS_PER_TOKEN * 2)
+        train_texts, train_key, train_max = src.train_texts(), src.key, preset.train_tokens + 1
+        log.info("data: %s, streamed (%d validation documents)", desc, len(val))
+    else:
+        if args.data_files:
+            train, val, desc = data.file_documents(args.data_files)
+        else:
+            train, val, desc = data.corpus_documents()
+        log.info("data: %s, %d train / %d validation documents (%.1f / %.1f MB)", desc, len(train), len(val),
+                 sum(map(len, train)) / 1e6, sum(map(len, val)) / 1e6)
+        tok_texts = train
+        if tok_cap is not None and sum(map(len, train)) > tok_cap:
+            tok_texts = list(train)
+            random.Random(0).shuffle(tok_texts)  # a slice of every source, not just the first one
+        train_texts, train_key, train_max = train, "train|" + text_fingerprint(train), None
+    tok = train_tokenizer(tok_texts, preset.vocab_size, cache_dir, tok_cap)
+    del tok_texts
+    save_pretrained(tok, out / "tokenizer")
+    eos = eos_id(tok)
+    t0 = time.perf_counter()
+    train_path = data.cached_encode(tok, train_texts, eos, cache_dir, train_key, train_max)
+    val_path = data.cached_encode(tok, val, eos, cache_dir, "val|" + text_fingerprint(val))
+    log.info("tokens: %s, %s (%.1f s)", train_path, val_path, time.perf_counter() - t0)
+    # the budget checks that need the data
+    train_arr, val_arr = np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r")
+    data.Batches(train_arr, preset.seq_len, preset.batch_size, 0)
+    vb = data.val_blocks(val_arr, preset.seq_len, preset.eval_seqs)
+    facts = {"data": desc, "train_tokens_available": int(len(train_arr)), "val_tokens": int(vb.numel() - vb.size(0)),
+             "vocab_size": tok.get_vocab_size()}
+    return {"train": str(train_path), "val": str(val_path)}, facts
+
+
+def _run_config(args, preset, names, lrs, device):
+    return {"preset": dataclasses.asdict(preset), "optimizers": names, "lr": lrs, "seed": args.seed,
+            "device": device, "dataset": args.dataset, "data_files": args.data_files, "sweep": args.sweep,
+            "sweep_factors": args.sweep_factors if args.sweep else None}
+
+
+def run(args) -> int:
+    import torch
+
+    from .model import build_model, count_params
+    from .optimizers import parse_optimizers
+    from .report import build_summary, format_table, write_outputs
+    from .train import atomic_torch_save, atomic_write_text, run_jobs
+
+    if args.nproc != 1:
+        raise BenchError(f"--nproc {args.nproc}: distributed runs are not implemented yet; use --nproc 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise BenchError("--stop-after must be >= 1")
+    preset = _resolve_preset(args)
+    names = parse_optimizers(args.optimizers, preset.optimizers)
+    device = _device(args.device)
+    lrs = _lrs(args, names, preset.lr_table)
+    workers = args.workers or (1 if device.startswith("cuda") else _cpu_count())
+    if workers < 1:
+        raise BenchError("--workers must be >= 1")
+    factors = None
+    if args.sweep == "lr":
+        try:
+            factors = [float(f) for f in args.sweep_factors.split(",") if f.strip()]
+        except ValueError:
+            raise BenchError(f"--sweep-factors {args.sweep_factors!r}: expected comma-separated numbers") from None
+        if not factors or any(f <= 0 for f in factors):
+            raise BenchError("--sweep-factors must be positive numbers")
+
+    out = Path(args.out or f"results/{preset.name}{'-sweep-lr' if args.sweep else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir or os.environ.get("SNSM_BENCH_CACHE") or ".cache/snsm-bench")
+    config = _run_config(args, preset, names, lrs, device)
+    cfg_path = out / "config.json"
+    if args.resume:
+        if not cfg_path.exists():
+            raise BenchError(f"--resume: no run to resume in {out} (no config.json)")
+        old = json.loads(cfg_path.read_text())
+        if old != json.loads(json.dumps(config)):
+            changed = sorted(k for k in config if json.loads(json.dumps(config)).get(k) != old.get(k))
+            raise BenchError(f"--resume: {out} holds a run with different settings ({', '.join(changed)})")
+    atomic_write_text(cfg_path, json.dumps(config, indent=1))
+
+    paths, facts = _prepare_data(args, preset, cache_dir, out)
+    init_path = out / "init_model.pt"
+    model = build_model(preset.model, facts["vocab_size"], preset.seq_len, args.seed)
+    counts = count_params(model)
+    if not (args.resume and init_path.exists()):
+        atomic_torch_save(model.state_dict(), init_path)
+    del model
+
+    base = {
+        "model": preset.model, "vocab_size": facts["vocab_size"], "seq_len": preset.seq_len,
+        "batch_size": preset.batch_size, "micro_batch": preset.micro_batch, "steps": preset.steps,
+        "eval_every": preset.eval_every, "eval_seqs": preset.eval_seqs, "eval_batch": preset.micro_batch or preset.batch_size,
+        "ckpt_every": preset.ckpt_every, "warmup_frac": preset.warmup_frac, "min_lr_ratio": preset.min_lr_ratio,
+        "clip": preset.clip, "rank": preset.rank, "proj_gap": preset.proj_gap, "seed": args.seed,
+        "train_tokens": paths["train"], "val_tokens": paths["val"], "init_path": str(init_path),
+        "device": device, "threads": 1 if workers > 1 or not device.startswith("cpu") else _cpu_count(),
+        "resume": args.resume, "stop_after": args.stop_after,
+    }
+    if device.startswith("cuda"):
+        base["threads"] = max(1, _cpu_count() // workers)
+    jobs = []
+    for n in names:
+        for f in factors or [None]:
+            lr = lrs[n] * f if f is not None else lrs[n]
+            name = n if f is None else f"{n}@{lr:.3g}"
+            jobs.append({**base, "name": name, "optimizer": n, "lr": lr,
+                         "dir": str(out / ("sweep" if f is not None else "") / name)})
+    log.info("running %d job(s) on %s, %d at a time: %s", len(jobs), device, workers, ", ".join(j["name"] for j in jobs))
+    results = run_jobs(jobs, workers, show_progress=not args.no_progress and sys.stderr.isatty())
+    stopped = [n for n, r in results.items() if r.get("status") == "stopped"]
+    if stopped:
+        log.warning("stopped %d job(s) early (--stop-after); continue with --resume --out %s", len(stopped), out)
+        return 0
+
+    meta = {
+        "preset": preset.name, "model": preset.model, "n_params": counts["total"], "n_params_linear": counts["linear"],
+        "n_params_embedding": counts["embedding"], "vocab_size": facts["vocab_size"], "seq_len": preset.seq_len,
+        "batch_size": preset.batch_size, "steps": preset.steps, "tokens": preset.train_tokens,
+        "eval_every": preset.eval_every, "val_tokens": facts["val_tokens"], "rank": preset.rank,
+        "proj_gap": preset.proj_gap, "warmup_frac": preset.warmup_frac, "min_lr_ratio": preset.min_lr_ratio,
+        "clip": preset.clip, "weight_decay": 0.0, "seed": args.seed, "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "threads_per_worker": base["threads"], "workers": workers, "torch_version": torch.__version__,
+        "data": facts["data"], "train_tokens_available": facts["train_tokens_available"],
+        "command": "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    ordered = [results[j["name"]] for j in jobs]
+    if args.sweep:
+        return _sweep_report(out, meta, ordered, names, factors)
+    summary = build_summary(meta, ordered)
+    write_outputs(out, summary)
+    print(f"\n{format_table(summary)}\n\nwrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'loss.png'}")
+    return 0
+
+
+def _sweep_report(out: Path, meta: dict, results: list[dict], names: list[str], factors: list[float]) -> int:
+    from .report import build_summary, write_outputs
+    from .train import atomic_write_text
+
+    summary = build_summary(meta, results)
+    write_outputs(out, summary)
+    best, table = {}, {}
+    for n in names:
+        rows = [r for r in results if r.get("optimizer") == n]
+        table[n] = {f"{r['lr']:.3g}": r.get("final_val_loss") for r in rows}
+        ok = [r for r in rows if r.get("final_val_loss") is not None]
+        if ok:
+            b = min(ok, key=lambda r: r["final_val_loss"])
+            best[n] = float(f"{b['lr']:.3g}")
+    lines = ["| optimizer | " + " | ".join(f"x{f:g}" for f in factors) + " | best lr |",
+             "|---|" + "---|" * len(factors) + "---|"]
+    for n in names:
+        cells = [("-" if v is None else f"{v:.4f} (lr {k})") for k, v in table[n].items()]
+        edge = ""
+        if n in best:
+            lrs_sorted = sorted(float(k) for k in table[n])
+            if best[n] in (lrs_sorted[0], lrs_sorted[-1]) and len(lrs_sorted) > 1:
+                edge = " (edge of the grid)"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {best.get(n, '-')}{edge} |")
+    md = "\n".join(lines)
+    cfg = {meta["preset"]: {"command": meta["command"], "lr": best, "sweep_final_val_loss": table}}
+    atomic_write_text(out / "lr.json", json.dumps(cfg, indent=1))
+    atomic_write_text(out / "sweep.md", f"# learning-rate sweep, preset `{meta['preset']}`\n\n{md}\n")
+    print(f"\n{md}\n\nwrote {out / 'lr.json'} (copy its entry into src/snsm/bench/configs/lr.json) and {out / 'sweep.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return run(args)
+    except BenchError as e:
+        print(f"snsm-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("snsm-bench: interrupted; continue with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,255 @@
+"""The optimizers the benchmark compares, each built the same way for the same model.
+
+Every entry takes ``(model, lr, ctx)`` and returns a ``torch.optim.Optimizer``
+with weight decay 0 (the paper's recipe). Learning rates come from
+``configs/lr.json`` (written by ``--sweep lr``, which records its command).
+
+Ours (``snsm``), grouped with :func:`snsm.param_groups`: ``nn.Linear`` weights
+(attention, MLP and the output head) get Subset-Norm / Subspace-Momentum,
+everything else is coordinate-wise. Subspace rank and refresh gap come from
+the preset (rank ``hidden // 4``):
+
+* ``adamw-sn``        AdamW with Subset-Norm (shape rule: one subset per row/column)
+* ``adamw-snsm``      AdamW-SN + Subspace-Momentum (SVD projector)
+* ``adamw-snsm-emb``  the same with the embedding also under SN/SM (``embeddings=True``)
+* ``rmsprop-sn``      RMSprop with Subset-Norm, no momentum
+* ``adagrad-snsm``    AdaGrad-SN (summed second moment) + Subspace-Momentum
+* ``sgd-sm``          SGD with Subspace-Momentum
+
+Baselines: ``adamw`` (``torch.optim.AdamW``, the reference line),
+``adafactor`` (``torch.optim.Adafactor``), and the peers' own packages when
+installed: ``galore`` (``galore-torch``'s ``GaLoreAdamW`` on the attention and
+MLP weights, scale 0.25, as in the GaLore paper) and ``adam-mini``
+(``adam-mini``'s ``Adam_mini``). A peer that is missing or fails is reported as
+skipped with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import BenchError
+
+log = logging.getLogger(__name__)
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+GALORE_SCALE = 0.25
+
+
+class PeerUnavailable(Exception):
+    """A peer optimizer package is missing or cannot run here; the run reports it as skipped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    rank: int
+    proj_gap: int
+    hidden: int
+    heads: int
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    description: str
+    build: Callable[[nn.Module, float, BuildContext], torch.optim.Optimizer]
+    package: str | None = None  # pip name of a peer package
+
+
+def _sm(ctx: BuildContext) -> dict[str, Any]:
+    return {"rank": ctx.rank, "proj": "svd", "proj_gap": ctx.proj_gap, "seed": ctx.seed}
+
+
+def _adamw(model, lr, ctx):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+
+def _adafactor(model, lr, ctx):
+    return torch.optim.Adafactor(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def _adamw_sn(model, lr, ctx):
+    import snsm
+    return snsm.AdamWSN(snsm.param_groups(model), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+
+def _adamw_snsm(model, lr, ctx, embeddings=False):
+    import snsm
+    return snsm.AdamWSNSM(snsm.param_groups(model, embeddings=embeddings, **_sm(ctx)),
+                          lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+
+def _rmsprop_sn(model, lr, ctx):
+    import snsm
+    return snsm.RMSpropSN(snsm.param_groups(model), lr=lr, alpha=BETAS[1], eps=EPS, weight_decay=0.0)
+
+
+def _adagrad_snsm(model, lr, ctx):
+    import snsm
+    return snsm.AdaGradSNSM(snsm.param_groups(model, **_sm(ctx)), lr=lr, momentum=BETAS[0], eps=EPS,
+                            weight_decay=0.0)
+
+
+def _sgd_sm(model, lr, ctx):
+    import snsm
+    return snsm.SGDSM(snsm.param_groups(model, **_sm(ctx)), lr=lr, momentum=BETAS[0], weight_decay=0.0)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence a peer package's import-time chatter (prints and warnings)."""
+    import warnings
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+
+
+def _galore(model, lr, ctx):
+    try:
+        with _quiet():
+            from galore_torch import GaLoreAdamW
+    except Exception as e:
+        raise PeerUnavailable(f"galore-torch not importable: {type(e).__name__}: {e}") from None
+    galore_params, ids = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ("attn" in name or "mlp" in name):
+            galore_params.append(module.weight)
+            ids.add(id(module.weight))
+    regular = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": regular},
+              {"params": galore_params, "rank": ctx.rank, "update_proj_gap": ctx.proj_gap,
+               "scale": GALORE_SCALE, "proj_type": "std"}]
+    return GaLoreAdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, no_deprecation_warning=True)
+
+
+def _adam_mini(model, lr, ctx):
+    try:
+        with _quiet():
+            from adam_mini import Adam_mini
+    except Exception as e:
+        raise PeerUnavailable(f"adam-mini not importable: {type(e).__name__}: {e}") from None
+    return Adam_mini(named_parameters=model.named_parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0,
+                     dim=ctx.hidden, n_heads=ctx.heads, n_kv_heads=ctx.heads, verbose=False)
+
+
+REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in [
+    OptimizerSpec("adamw", "torch.optim.AdamW (reference)", _adamw),
+    OptimizerSpec("adafactor", "torch.optim.Adafactor", _adafactor),
+    OptimizerSpec("galore", "GaLore AdamW (galore-torch), scale 0.25", _galore, package="galore-torch"),
+    OptimizerSpec("adam-mini", "Adam-mini (adam-mini)", _adam_mini, package="adam-mini"),
+    OptimizerSpec("adamw-sn", "snsm.AdamWSN", _adamw_sn),
+    OptimizerSpec("adamw-snsm", "snsm.AdamWSNSM, SVD projector", _adamw_snsm),
+    OptimizerSpec("adamw-snsm-emb", "snsm.AdamWSNSM, embeddings under SN/SM too",
+                  lambda m, lr, ctx: _adamw_snsm(m, lr, ctx, embeddings=True)),
+    OptimizerSpec("rmsprop-sn", "snsm.RMSpropSN", _rmsprop_sn),
+    OptimizerSpec("adagrad-snsm", "snsm.AdaGradSNSM, SVD projector", _adagrad_snsm),
+    OptimizerSpec("sgd-sm", "snsm.SGDSM, SVD projector", _sgd_sm),
+]}
+
+
+def parse_optimizers(text: str | None, default: tuple[str, ...]) -> list[str]:
+    if not text:
+        return list(default)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise BenchError(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(REGISTRY)}")
+    if not names:
+        raise BenchError("--optimizers is empty")
+    return list(dict.fromkeys(names))
+
+
+def lr_config() -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath("configs/lr.json").read_text())
+
+
+def learning_rate(name: str, table: str = "default") -> float:
+    cfg = lr_config()
+    entry = cfg.get(table) or cfg["default"]
+    try:
+        return float(entry["lr"][name])
+    except KeyError:
+        raise BenchError(f"no learning rate for {name!r} in configs/lr.json[{table!r}]") from None
+
+
+# --- state: counting and (de)serialising with tensors and plain numbers only -------------------
+
+def _galore_projector_cls():
+    try:
+        from galore_torch.galore_projector import GaLoreProjector
+        return GaLoreProjector
+    except Exception:
+        return None
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    ortho = getattr(obj, "ortho_matrix", None)  # GaLore's projector object keeps its basis here
+    if ortho is not None:
+        return _tensor_bytes(ortho)
+    return 0
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (projector bases included)."""
+    return sum(_tensor_bytes(s) for s in opt.state.values())
+
+
+def export_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with any non-tensor object (GaLore's projector) replaced by its tensors,
+    so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    sd = opt.state_dict()
+    proj_cls = _galore_projector_cls()
+    if proj_cls is None:
+        return sd
+    state = {}
+    for k, s in sd["state"].items():
+        s = dict(s)
+        p = s.pop("projector", None)
+        if isinstance(p, proj_cls):
+            if p.ortho_matrix is not None:
+                s["projector_ortho_matrix"] = p.ortho_matrix
+        elif p is not None:
+            s["projector"] = p
+        state[k] = s
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def import_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Inverse of :func:`export_state`."""
+    opt.load_state_dict(sd)
+    proj_cls = _galore_projector_cls()
+    if proj_cls is None:
+        return
+    for group in opt.param_groups:
+        if "rank" not in group or "update_proj_gap" not in group:
+            continue
+        for p in group["params"]:
+            s = opt.state.get(p)
+            if s is not None and "projector_ortho_matrix" in s:
+                proj = proj_cls(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                                proj_type=group["proj_type"])
+                proj.ortho_matrix = s.pop("projector_ortho_matrix")
+                s["projector"] = proj

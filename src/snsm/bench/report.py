@@ -1,0 +1,173 @@
+"""Metrics and outputs: ``summary.json``, ``results.md`` (the table) and ``loss.png``.
+
+Definitions (per optimizer):
+
+* ``tokens_to_match_adamw``: the first evaluated token count at which the
+  validation loss is <= AdamW's final validation loss (``null`` if never);
+* ``state_bytes``: bytes of the tensors in the optimizer state (projector bases included);
+* ``peak_bytes``: measured peak memory of training: on CPU the growth of
+  ``ru_maxrss`` in the fresh worker process from before the model was built
+  (``peak_rss_delta_bytes``, which sees LAPACK's SVD workspace and allocator
+  slack), on CUDA ``torch.cuda.max_memory_allocated``; ``peak_tensor_bytes``
+  is what ``MemTracker`` counts (live tensors only) over the first two steps;
+* ``tokens_per_s`` and ``step_time_ratio_vs_adamw`` from CPU time per step
+  (wall time, synchronized, on CUDA), excluding the first two steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("name", "lr", "final_val_loss", "final_val_ppl", "tokens_to_match_adamw", "state_bytes",
+            "peak_bytes", "tokens_per_s", "step_time_ratio_vs_adamw", "curve")
+
+
+def tokens_to_match(curve: list[list[float]] | None, target: float | None) -> int | None:
+    """First evaluated token count whose validation loss is <= ``target``; None if never (or no target)."""
+    if target is None or not curve:
+        return None
+    for tokens, loss in curve:
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            return int(tokens)
+    return None
+
+
+def _ratio(a, b):
+    return a / b if (a is not None and b) else None
+
+
+def build_summary(meta: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+    """The summary: ``meta`` at the top level and one entry per optimizer, AdamW-relative columns filled in."""
+    ref = next((r for r in results if r.get("optimizer") == "adamw" and r.get("status") == "done"), None)
+    ref_final = ref.get("final_val_loss") if ref else None
+    entries = []
+    for r in results:
+        e = {k: None for k in REQUIRED}
+        e.update({k: v for k, v in r.items() if k not in ("status",)})
+        e["name"] = r["name"]
+        if r.get("status") != "done":
+            e["skipped"] = True
+            e.setdefault("reason", r.get("status", "not run"))
+            e["curve"] = e.get("curve") or []
+            entries.append(e)
+            continue
+        e["skipped"] = False
+        cuda = r.get("peak_cuda_bytes") is not None
+        e["peak_bytes"] = r.get("peak_cuda_bytes") if cuda else r.get("peak_rss_delta_bytes")
+        e["peak_bytes_source"] = "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss delta in the worker"
+        e["tokens_to_match_adamw"] = tokens_to_match(r.get("curve"), ref_final)
+        e["step_time_ratio_vs_adamw"] = _ratio(r.get("step_time_s"), ref.get("step_time_s") if ref else None)
+        e["state_ratio_vs_adamw"] = _ratio(r.get("state_bytes"), ref.get("state_bytes") if ref else None)
+        e["tokens_to_match_ratio"] = _ratio(e["tokens_to_match_adamw"], ref.get("tokens") if ref else None)
+        entries.append(e)
+    return {**meta, "reference": "adamw" if ref else None, "adamw_final_val_loss": ref_final,
+            "optimizers": entries}
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.2f}"
+
+
+def _num(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def _tokens(t):
+    if t is None:
+        return "never"
+    return f"{t / 1e6:.2f}M" if t >= 1e6 else f"{t / 1e3:.0f}k"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The results table in Markdown."""
+    head = ("| optimizer | lr | final val loss | val ppl | tokens to AdamW's final | state MiB | state vs AdamW "
+            "| peak MiB (RSS Δ) | peak MiB (tensors) | tokens/s | step time vs AdamW |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for e in summary["optimizers"]:
+        if e.get("skipped"):
+            lines.append(f"| {e['name']} | {_num(e.get('lr'), 'g')} | skipped: {e.get('reason', '')} |"
+                         + " |" * 8)
+            continue
+        lines.append("| " + " | ".join([
+            e["name"], _num(e["lr"], "g"), _num(e["final_val_loss"], ".4f"), _num(e["final_val_ppl"], ".2f"),
+            _tokens(e["tokens_to_match_adamw"]) if summary.get("reference") else "-",
+            _mib(e["state_bytes"]), _num(e.get("state_ratio_vs_adamw"), ".2f"),
+            _mib(e.get("peak_cuda_bytes") if e.get("peak_cuda_bytes") is not None else e.get("peak_rss_delta_bytes")),
+            _mib(e.get("peak_tensor_bytes")), _num(e["tokens_per_s"], ",.0f"),
+            _num(e["step_time_ratio_vs_adamw"], ".2f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def format_results_md(summary: dict[str, Any]) -> str:
+    s = summary
+    out = [
+        f"# snsm benchmark: preset `{s['preset']}`",
+        "",
+        f"Model `{s['model']}` ({s['n_params'] / 1e6:.2f}M parameters, {s['n_params_linear'] / 1e6:.2f}M in "
+        f"nn.Linear weights), vocabulary {s['vocab_size']}, sequence {s['seq_len']}, batch {s['batch_size']}, "
+        f"{s['steps']} steps = {s['tokens'] / 1e6:.2f}M training tokens per optimizer; validation on "
+        f"{s['val_tokens'] / 1e3:.0f}k tokens every {s['eval_every']} steps. Data: {s['data']}. "
+        f"Seed {s['seed']}, device {s['device']}, torch {s['torch_version']}, subspace rank {s['rank']}, "
+        f"projector refresh every {s['proj_gap']} steps.",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        format_table(s),
+        "",
+        "Tokens to AdamW's final: first evaluated token count with validation loss <= AdamW's final "
+        f"({_num(s.get('adamw_final_val_loss'), '.4f')}). State: optimizer-state tensors. Peak: "
+        "growth of the worker's max RSS (GPU: max allocated) and MemTracker's live-tensor peak. "
+        "Step time: CPU time per step, one thread per worker.",
+        "",
+        "![validation loss](loss.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Validation loss vs training tokens, every optimizer on one plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    for i, e in enumerate(summary["optimizers"]):
+        curve = [c for c in (e.get("curve") or []) if c[1] is not None]
+        if e.get("skipped") or not curve:
+            continue
+        xs = [c[0] / 1e6 for c in curve]
+        ys = [c[1] for c in curve]
+        ref_line = e.get("optimizer", e["name"]) == "adamw"
+        baseline = e.get("optimizer", e["name"]) in ("adafactor", "galore", "adam-mini")
+        ax.plot(xs, ys, "--" if baseline else "-", marker="o", ms=3, lw=2.5 if ref_line else 1.5,
+                color="black" if ref_line else colors[i % len(colors)], label=f"{e['name']} (lr {e['lr']:g})")
+    ref = summary.get("adamw_final_val_loss")
+    if ref is not None:
+        ax.axhline(ref, color="gray", lw=0.8, ls=":", label="AdamW final")
+    finals = [e["final_val_loss"] for e in summary["optimizers"] if not e.get("skipped") and e.get("final_val_loss")]
+    if finals:  # zoom on the interesting part: the initial loss is far above everything else
+        lo, hi = min(finals), max(finals)
+        ax.set_ylim(lo - 0.1 * max(hi - lo, 0.2), hi + 1.5 * max(hi - lo, 0.5))
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{summary['model']} ({summary['n_params'] / 1e6:.1f}M params), preset {summary['preset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, summary: dict[str, Any]) -> None:
+    from .train import atomic_write_text
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "results.md", format_results_md(summary))
+    plot(summary, out / "loss.png")

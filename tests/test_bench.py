@@ -1,0 +1,278 @@
+"""The pretraining benchmark (snsm.bench): end to end on a tiny configuration, the summary
+schema, resume after a stop and after a kill, tokens-to-match, and one-line errors.
+
+The end-to-end runs use the smoke preset shrunk further (sequence 64, a dozen steps) so the
+whole file stays well under three minutes on two cores; `python -m snsm.bench --preset smoke`
+itself is what the acceptance check runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="the benchmark needs the [bench] extra (transformers)")
+pytest.importorskip("tokenizers", reason="the benchmark needs the [bench] extra (tokenizers)")
+pytest.importorskip("matplotlib", reason="the benchmark needs the [bench] extra (matplotlib)")
+
+from snsm.bench import BenchError  # noqa: E402
+from snsm.bench.cli import main  # noqa: E402
+from snsm.bench.optimizers import REGISTRY, lr_config  # noqa: E402
+from snsm.bench.presets import PRESETS  # noqa: E402
+from snsm.bench.report import REQUIRED, build_summary, tokens_to_match  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ["adamw", "adamw-sn", "adamw-snsm"]
+try:
+    import galore_torch  # noqa: F401
+    OPTIMIZERS.append("galore")  # its projector object must survive the checkpoint too
+except Exception:
+    pass
+TINY = ["--preset", "smoke", "--seq-len", "64", "--batch-size", "4", "--steps", "12", "--eval-every", "4",
+        "--eval-seqs", "8", "--ckpt-every", "3", "--vocab-size", "512", "--workers", "2", "--no-progress",
+        "--optimizers", ",".join(OPTIMIZERS)]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def bench(*args, check=True, **kw):
+    proc = subprocess.run([sys.executable, "-m", "snsm.bench", *args], capture_output=True, text=True,
+                          env=_env(), timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snsm.bench {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("bench-full")
+    proc = bench(*TINY, "--out", str(out), "--cache-dir", str(cache))
+    return out, proc
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _by_name(summary: dict) -> dict:
+    return {o["name"]: o for o in summary["optimizers"]}
+
+
+def test_end_to_end_outputs_and_schema(full_run):
+    out, proc = full_run
+    s = _summary(out)
+    for key in ("preset", "model", "n_params", "tokens", "seed", "device", "torch_version"):
+        assert key in s, key
+    assert s["preset"] == "smoke" and s["model"] == "llama_9m" and s["device"] == "cpu"
+    assert s["tokens"] == 12 * 4 * 64
+    opts = _by_name(s)
+    assert list(opts) == OPTIMIZERS
+    for name, o in opts.items():
+        assert not o["skipped"], (name, o.get("reason"))
+        for k in REQUIRED:
+            assert k in o, (name, k)
+        assert math.isfinite(o["final_val_loss"]) and o["final_val_ppl"] == pytest.approx(math.exp(o["final_val_loss"]))
+        assert [c[0] for c in o["curve"]] == [0, 1024, 2048, 3072]  # step 0, every 4 steps, the end
+        assert o["curve"][-1][1] == o["final_val_loss"]
+        assert o["curve"][-1][1] < o["curve"][0][1]  # it learned something
+        assert o["state_bytes"] > 0 and o["peak_bytes"] > 0 and o["peak_tensor_bytes"] > 0
+        assert o["tokens_per_s"] > 0 and o["step_time_ratio_vs_adamw"] > 0
+        assert (out / name / "curve.csv").read_text().startswith("tokens,val_loss\n")
+    assert opts["adamw"]["tokens_to_match_adamw"] <= s["tokens"]
+    assert opts["adamw"]["step_time_ratio_vs_adamw"] == 1.0
+    assert opts["adamw-snsm"]["state_bytes"] < opts["adamw-sn"]["state_bytes"] < opts["adamw"]["state_bytes"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "| adamw-snsm |" in md and "loss.png" in md
+    assert "| adamw |" in proc.stdout  # the table is printed at the end
+    # the tokenizer is reusable as a transformers fast tokenizer
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
+    assert tok.decode(tok("It is a truth universally acknowledged")["input_ids"]) == "It is a truth universally acknowledged"
+    # the checkpoint loads with weights_only=True
+    import torch
+    ck = torch.load(out / "adamw-snsm" / "checkpoint.pt", weights_only=True)
+    assert ck["data"]["step"] == 12 and ck["optimizer"]["state"]
+
+
+def _curves(out: Path) -> dict:
+    return {n: o["curve"] for n, o in _by_name(_summary(out)).items()}
+
+
+def test_resume_after_stop_and_after_kill_matches_uninterrupted(full_run, tmp_path, cache):
+    ref_out, _ = full_run
+    out = tmp_path / "run"
+    common = [*TINY, "--out", str(out), "--cache-dir", str(cache)]
+    # 1. a clean stop part-way (leaves a checkpoint at step 5, off the checkpoint grid)
+    proc = bench(*common, "--stop-after", "5")
+    assert "--resume" in proc.stderr and not (out / "summary.json").exists()
+    for name in OPTIMIZERS:
+        assert not (out / name / "result.json").exists()
+    # 2. resume, and kill the whole process group (workers included) as soon as a job checkpoints again
+    marks = {n: (out / n / "checkpoint.pt").stat().st_mtime_ns for n in OPTIMIZERS}
+    p = subprocess.Popen([sys.executable, "-m", "snsm.bench", *common, "--resume"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            if any((out / n / "checkpoint.pt").stat().st_mtime_ns != marks[n] for n in OPTIMIZERS):
+                break
+            time.sleep(0.02)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    killed = [n for n in OPTIMIZERS if not (out / n / "result.json").exists()]
+    assert killed, "every job finished before the kill; the test did not interrupt anything"
+    # 3. resume to the end: the same curves, bit for bit, as the uninterrupted run
+    bench(*common, "--resume")
+    assert _curves(out) == _curves(ref_out)
+
+
+def test_resume_refuses_other_settings(full_run, cache):
+    out, _ = full_run
+    args = [a if a != "12" else "13" for a in TINY]
+    proc = bench(*args, "--out", str(out), "--cache-dir", str(cache), "--resume", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "different settings" in proc.stderr
+
+
+def test_tokens_to_match():
+    curve = [[0, 9.0], [100, 6.0], [200, 5.0], [300, 4.5]]
+    assert tokens_to_match(curve, 5.0) == 200  # <= counts
+    assert tokens_to_match(curve, 5.5) == 200
+    assert tokens_to_match(curve, 9.5) == 0
+    assert tokens_to_match(curve, 4.0) is None  # never
+    assert tokens_to_match(curve, None) is None
+    assert tokens_to_match([], 5.0) is None
+    assert tokens_to_match([[0, 9.0], [100, float("nan")], [200, 4.0]], 5.0) == 200
+
+
+def test_summary_relative_columns_and_skipped_peers():
+    meta = {"preset": "x"}
+    results = [
+        {"name": "adamw", "optimizer": "adamw", "lr": 1e-3, "status": "done", "final_val_loss": 5.0,
+         "final_val_ppl": math.exp(5), "state_bytes": 100, "step_time_s": 2.0, "tokens": 300,
+         "peak_rss_delta_bytes": 10, "peak_cuda_bytes": None, "tokens_per_s": 1.0,
+         "curve": [[0, 9.0], [150, 6.0], [300, 5.0]]},
+        {"name": "fast", "optimizer": "adamw-snsm", "lr": 1e-2, "status": "done", "final_val_loss": 4.0,
+         "final_val_ppl": math.exp(4), "state_bytes": 20, "step_time_s": 3.0, "tokens": 300,
+         "peak_rss_delta_bytes": 5, "peak_cuda_bytes": None, "tokens_per_s": 1.0,
+         "curve": [[0, 9.0], [150, 4.9], [300, 4.0]]},
+        {"name": "adam-mini", "optimizer": "adam-mini", "lr": 1e-3, "status": "skipped", "skipped": True,
+         "reason": "adam-mini not importable: ModuleNotFoundError"},
+    ]
+    s = build_summary(meta, results)
+    o = _by_name(s)
+    assert s["adamw_final_val_loss"] == 5.0
+    assert o["adamw"]["tokens_to_match_adamw"] == 300 and o["fast"]["tokens_to_match_adamw"] == 150
+    assert o["fast"]["step_time_ratio_vs_adamw"] == 1.5 and o["fast"]["state_ratio_vs_adamw"] == 0.2
+    assert o["fast"]["peak_bytes"] == 5
+    assert o["adam-mini"]["skipped"] and "not importable" in o["adam-mini"]["reason"]
+    assert all(k in o["adam-mini"] for k in REQUIRED)
+    # without AdamW in the run there is no reference
+    s = build_summary(meta, results[1:])
+    assert _by_name(s)["fast"]["tokens_to_match_adamw"] is None
+
+
+def test_batches_are_deterministic_and_cover_every_block():
+    import numpy as np
+    from snsm.bench.textdata import Batches
+    tokens = np.arange(1001, dtype=np.uint16)
+    a, b = Batches(tokens, 10, 4, seed=3), Batches(tokens, 10, 4, seed=3)
+    seen = []
+    for step in range(50):  # two epochs of 100 blocks
+        x = a.batch(step)
+        assert x.shape == (4, 11) and (x == b.batch(step)).all()
+        assert (x[:, 1:] == x[:, :-1] + 1).all()  # contiguous blocks, targets shifted by one
+        seen.extend((x[:, 0] // 10).tolist())
+    assert sorted(seen[:100]) == list(range(100)) and sorted(seen[100:]) == list(range(100))
+    assert seen[:100] != seen[100:]  # a fresh order each epoch
+    assert not (Batches(tokens, 10, 4, seed=4).batch(0) == a.batch(0)).all()
+
+
+def test_lr_config_covers_every_optimizer_and_records_its_command():
+    cfg = lr_config()
+    for table in {p.lr_table for p in PRESETS.values()}:
+        assert set(cfg[table]["lr"]) == set(REGISTRY), table
+        assert "command" in cfg[table]
+    assert "--sweep lr" in cfg["default"]["command"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--optimizers", "adamw,nope"], "unknown optimizer 'nope'"),
+    (["--data-files", "/nonexistent/corpus.txt", "--preset", "smoke"], "data path not found"),
+    (["--preset", "smoke", "--steps", "5", "--eval-every", "10"], "budget too small to evaluate"),
+    (["--preset", "smoke", "--steps", "0"], "must be >= 1"),
+    (["--nproc", "2"], "not implemented"),
+    (["--preset", "smoke", "--bogus-flag"], "unrecognized arguments"),
+    (["--resume", "--out", "/nonexistent-snsm-run"], "no run to resume"),
+])
+def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snsm-bench: error:") and message in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    proc = bench("--optimizers", "adamw,sgd", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("snsm-bench: error: unknown optimizer 'sgd'; choose from "
+                                   + ", ".join(REGISTRY))
+
+
+def test_local_data_files(tmp_path, cache):
+    text = "\n\n".join(f"Paragraph {i}. " + "the quick brown fox jumps over the lazy dog. " * 20
+                       for i in range(120))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Line {i} " * 50}) for i in range(40)))
+    from snsm.bench.textdata import file_documents
+    train, val, desc = file_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    assert len(train) + len(val) == 160 and val and "2 local file(s)" == desc
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(BenchError, match="unsupported data file type"):
+        file_documents([str(tmp_path / "c.csv")])
+
+
+def test_streamed_dataset_without_network(monkeypatch):
+    import types
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "broken":
+            raise ConnectionError("no route to host\nmore detail")
+        if split == "validation":
+            raise ValueError("Bad split: validation")
+        return iter([{"text": f"document number {i} " * 10} for i in range(500)] + [{"text": ""}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    from snsm.bench.textdata import StreamedDataset, take_chars
+    src = StreamedDataset("someone/corpus:en")
+    assert (src.name, src.config) == ("someone/corpus", "en")
+    train, val = list(src.train_texts()), src.val_texts(10**9)
+    assert len(train) + len(val) == 500 and val and not set(train) & set(val)  # hash split, no overlap
+    assert all(c[3] for c in calls)  # always streaming
+    assert len(take_chars(src.train_texts(), 1000)) < 10  # reads only what it needs
+    with pytest.raises(BenchError, match="could not read dataset broken.*ConnectionError: no route to host$"):
+        list(StreamedDataset("broken").train_texts())
