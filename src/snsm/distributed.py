@@ -193,12 +193,13 @@ def _fused_local(param, state, layout, shard) -> bool:
 
 
 def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
-    from .fused import _kernel_layout, _second_moment, _EMPTY, cpu_kernel
+    from .fused import _EMPTY, _kernel_layout, _second_moment, cpu_kernel
+    from .optimizer import step_scale
 
     state["step"] += 1
     step = int(state["step"].item())
     lr = float(lr)
-    scale = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if bias_correction else 1.0)
+    scale = step_scale(lr, beta1, beta2, step, bias_correction)
     v_decay, v_gain = _second_moment(beta2)
     kind, row_len = _kernel_layout(layout)
     if kind == 1:
@@ -215,8 +216,7 @@ def sn_step_sharded_(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
 ) -> None:
     """:func:`snsm.optimizer.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
-    from .optimizer import _refresh_projector
-    from .weight_decay import decoupled_weight_decay_
+    from .optimizer import Workspace, _refresh_projector, apply_update_, step_scale
 
     shard = row_sharding(param)
     if subspace is None and _fused_local(param, state, layout, shard):
@@ -227,15 +227,10 @@ def sn_step_sharded_(
     g2d = grad.to_local().to(compute).reshape(shard.count, shard.cols)
     state["step"] += 1
     step = int(state["step"].item())
-    writeback = []
+    workspace = Workspace(compute)
 
     def working(t):
-        t = local(t)
-        if t.dtype == compute:
-            return t
-        w = t.to(compute)
-        writeback.append((t, w))
-        return w
+        return workspace(local(t))
 
     if subspace is not None:
         is_tall = subspace.is_tall
@@ -289,13 +284,5 @@ def sn_step_sharded_(
     else:
         update = num
 
-    scale = lr
-    if bias_correction:
-        scale = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-    if isinstance(scale, torch.Tensor):
-        p2d.sub_((update * scale).to(p2d.dtype))
-    else:
-        p2d.add_(update.to(p2d.dtype), alpha=-scale)
-    decoupled_weight_decay_(p2d, lr, weight_decay)
-    for target, w in writeback:
-        target.copy_(w)
+    apply_update_(p2d, update, lr, step_scale(lr, beta1, beta2, step, bias_correction), weight_decay)
+    workspace.write_back()

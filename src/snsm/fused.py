@@ -21,7 +21,6 @@ between paths.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -68,13 +67,13 @@ def sn_step_fused_(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn, scratch
 ) -> None:
     """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
-    from .optimizer import _refresh_projector
+    from .optimizer import _refresh_projector, step_scale
 
     k = cpu_kernel()
     state["step"] += 1
     step = int(state["step"].item())
     lr = float(lr)
-    scale = lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if bias_correction else 1.0)
+    scale = step_scale(lr, beta1, beta2, step, bias_correction)
     decay = 1.0 - lr * weight_decay
     v_decay, v_gain = _second_moment(beta2)
     v = state["exp_avg_sq"] if beta2 is not None else _EMPTY

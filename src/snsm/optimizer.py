@@ -394,6 +394,32 @@ class SubsetNormOptimizer(Optimizer):
 
 
 # -------------------------------------------------------------------- functional form
+def step_scale(lr, beta1: float, beta2: Optional[float], step: int, bias_correction: bool):
+    """``lr * c_t``: Adam's bias correction ``sqrt(1 - beta2^t) / (1 - beta1^t)`` when asked, else ``lr``."""
+    if not bias_correction:
+        return lr
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+class Workspace:
+    """Compute-dtype views of state tensors, written back to low-precision state at the end."""
+
+    def __init__(self, compute: torch.dtype):
+        self.compute = compute
+        self._writeback = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == self.compute:
+            return t
+        w = t.to(self.compute)
+        self._writeback.append((t, w))
+        return w
+
+    def write_back(self) -> None:
+        for target, w in self._writeback:
+            target.copy_(w)
+
+
 def _refresh_projector(
     state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step: int, warn, build=None, local=None
 ) -> bool:
@@ -467,14 +493,7 @@ def sn_step_(
     state["step"] += 1
     step = int(state["step"].item())
     g = grad.to(compute)
-    writeback = []
-
-    def working(t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == compute:
-            return t
-        w = t.to(compute)
-        writeback.append((t, w))
-        return w
+    working = Workspace(compute)
 
     if subspace is not None:
         is_tall = subspace.is_tall
@@ -500,13 +519,14 @@ def sn_step_(
     else:
         update = num
 
-    scale = lr
-    if bias_correction:
-        scale = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    apply_update_(param, update, lr, step_scale(lr, beta1, beta2, step, bias_correction), weight_decay)
+    working.write_back()
+
+
+def apply_update_(param: torch.Tensor, update: torch.Tensor, lr, scale, weight_decay: float) -> None:
+    """``param -= scale * update``, then decoupled weight decay."""
     if isinstance(scale, torch.Tensor):  # a tensor lr (as torch.optim allows) stays on device
         param.sub_((update * scale).to(param.dtype))
     else:
         param.add_(update.to(param.dtype), alpha=-scale)
     decoupled_weight_decay_(param, lr, weight_decay)
-    for target, w in writeback:
-        target.copy_(w)

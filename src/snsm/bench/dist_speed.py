@@ -22,7 +22,6 @@ import time
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from torch import nn
 
     import snsm
     from snsm.bench.speed import llama_like

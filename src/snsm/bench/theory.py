@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 
