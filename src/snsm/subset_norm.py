@@ -39,6 +39,7 @@ Everything here is a pure function of tensors; no optimizer state object.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -110,8 +111,12 @@ def _matrix_shape(shape: torch.Size) -> tuple:
 
 def subset_layout(shape: torch.Size, subset_size: SubsetSize) -> SubsetLayout:
     """The partition of a tensor of ``shape`` under ``subset_size`` (see module doc)."""
-    shape = torch.Size(shape)
     validate_subset_size(subset_size)
+    return _subset_layout(torch.Size(shape), subset_size)
+
+
+@functools.lru_cache(maxsize=4096)  # called for every parameter at every step
+def _subset_layout(shape: torch.Size, subset_size: SubsetSize) -> SubsetLayout:
     numel = shape.numel()
     if subset_size is None or numel == 0:
         return SubsetLayout(None, None, tuple(shape))
