@@ -276,3 +276,191 @@ def test_streamed_dataset_without_network(monkeypatch):
     assert len(take_chars(src.train_texts(), 1000)) < 10  # reads only what it needs
     with pytest.raises(BenchError, match="could not read dataset broken.*ConnectionError: no route to host$"):
         list(StreamedDataset("broken").train_texts())
+
+
+# --- the AdaGrad family, Muon, and the adaptive batch size (issue 7) ---------------------------
+
+FAMILY = ["adagrad-norm", "adagrad-sn", "adago", "muon"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in the benchmark's workers (bf16 Newton-Schulz with 2 threads on a
+    busy 2-core machine can be 10x slower)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_model(seed=0):
+    from snsm.bench.model import build_model
+    return build_model("llama_9m", 300, 16, seed)
+
+
+def _ctx(aux_lr=None):
+    from snsm.bench.optimizers import BuildContext
+    return BuildContext(rank=8, proj_gap=5, hidden=128, heads=4, seed=0, aux_lr=aux_lr)
+
+
+def _steps(model, opt, sched, n, seed=0):
+    import torch
+    from snsm.bench.model import lm_loss
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        block = torch.randint(0, 300, (2, 17), generator=g)
+        loss = lm_loss(model, block)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("name", FAMILY + ["adagrad-norm+adaptive", "adagrad-sn+adaptive"])
+def test_family_entries_build_and_step(name, one_thread):
+    import torch
+    from snsm.bench.optimizers import state_bytes
+    from snsm.bench.train import cosine_with_warmup
+    model = _tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    spec = REGISTRY[name]
+    aux = lr_config()["default"]["lr"][spec.aux_lr_from] if spec.aux_lr_from else None
+    opt = spec.build(model, lr_config()["default"]["lr"][name], _ctx(aux))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(10, 0.1, 0.1))
+    losses = _steps(model, opt, sched, 3)
+    assert all(math.isfinite(x) for x in losses)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # every parameter moved
+    assert state_bytes(opt) > 0
+    if spec.aux_lr_from:  # the non-matrix group runs at its own lr, scheduled like the rest
+        lrs = [g["lr"] / g["initial_lr"] for g in opt.param_groups]
+        assert lrs == pytest.approx([lrs[0]] * len(lrs))
+        assert opt.param_groups[-1]["initial_lr"] == aux
+    if name == "adagrad-norm":  # one accumulator per linear weight
+        w = model.model.layers[0].mlp.up_proj.weight
+        assert opt.state[w]["exp_avg_sq"].numel() == 1
+
+
+def test_muon_wrapper_round_trips_with_weights_only_and_resumes_exactly(tmp_path, one_thread):
+    import torch
+    from torch import nn
+    from snsm.bench.optimizers import MuonWithAdamW, export_state, import_state, state_bytes
+    from snsm.bench.train import cosine_with_warmup
+
+    def make():
+        model = _tiny_model()
+        opt = REGISTRY["muon"].build(model, 0.02, _ctx(3e-3))
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(8, 0.25, 0.1))
+
+    model, opt, sched = make()
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    assert isinstance(opt.adamw, torch.optim.AdamW)
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == linear
+    assert opt.muon.defaults["nesterov"] and opt.muon.defaults["momentum"] == 0.95
+    assert opt.muon.defaults["weight_decay"] == 0.0 and opt.adamw.defaults["weight_decay"] == 0.0
+    assert len({id(p) for g in opt.param_groups for p in g["params"]}) == len(list(model.parameters()))
+    _steps(model, opt, sched, 3)
+    # state covers both children: Muon's momentum buffers and AdamW's two moments
+    n_muon = sum(p.numel() for p in opt.muon.param_groups[0]["params"])
+    n_adam = sum(p.numel() for g in opt.adamw.param_groups for p in g["params"])
+    assert state_bytes(opt) >= 4 * (n_muon + 2 * n_adam)
+    ck = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "optimizer": export_state(opt), "scheduler": sched.state_dict()}, ck)
+    loaded = torch.load(ck, weights_only=True)
+    assert sorted(loaded["optimizer"]["state"]) == list(range(len(list(model.parameters()))))
+    ref = _steps(model, opt, sched, 3, seed=1)
+
+    model2, opt2, sched2 = make()
+    model2.load_state_dict(loaded["model"])
+    import_state(opt2, loaded["optimizer"])
+    sched2.load_state_dict(loaded["scheduler"])
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in loaded["optimizer"]["param_groups"]]
+    assert _steps(model2, opt2, sched2, 3, seed=1) == ref
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt2.load_state_dict({"state": {}, "param_groups": loaded["optimizer"]["param_groups"][:1]})
+
+
+ADAPTIVE_TINY = [a if a != ",".join(OPTIMIZERS) else "muon,adagrad-sn+adaptive" for a in TINY]
+ADAPTIVE_TINY += ["--batch-eta", "0.02", "--max-batch-size", "12"]  # a small eta: the batch surely grows
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("bench-adaptive")
+    bench(*ADAPTIVE_TINY, "--out", str(out), "--cache-dir", str(cache))
+    return out
+
+
+def test_adaptive_batch_grows_never_shrinks_and_keeps_the_token_budget(adaptive_run):
+    s = _summary(adaptive_run)
+    o = _by_name(s)
+    budget = 12 * 4 * 64
+    assert s["tokens"] == budget and s["adaptive_batch"]["max_batch_size"] == 12
+    a = o["adagrad-sn+adaptive"]
+    assert not a["skipped"] and a["batch_schedule"] == "adaptive" and a["micro_batch"] == 1
+    assert a["tokens"] == budget  # the same budget as the fixed run, to the token
+    assert a["steps"] < 12  # bigger batches, fewer steps
+    hist = a["batch_history"]
+    sizes = [b for _, _, b in hist]
+    assert sizes[0] == 4 and max(sizes) > 4 and max(sizes) <= 12
+    # never shrinks (the last batch may be cut to what is left of the budget)
+    assert sizes[:-1] == sorted(sizes[:-1]) and (len(sizes) < 2 or sizes[-1] <= sizes[-2])
+    assert [st for st, _, _ in hist] == sorted(st for st, _, _ in hist) and hist[0][:2] == [0, 0]
+    # curve by tokens: evaluated at 0, at the first step past every 4 x 4 x 64 tokens, and at the budget
+    ticks = [t for t, _ in a["curve"]]
+    assert ticks[0] == 0 and ticks[-1] == budget and ticks == sorted(set(ticks))
+    assert a["final_val_loss"] < a["curve"][0][1]
+    assert o["muon"]["batch_schedule"] == "fixed" and o["muon"]["steps"] == 12
+    md = (adaptive_run / "results.md").read_text()
+    assert "`adagrad-sn+adaptive`:" in md and "optimizer steps" in md
+
+
+def test_adaptive_batch_resume_is_exact(adaptive_run, tmp_path, cache):
+    import torch
+    out = tmp_path / "run"
+    common = [*ADAPTIVE_TINY, "--out", str(out), "--cache-dir", str(cache)]
+    bench(*common, "--stop-after", "2")
+    ck = torch.load(out / "adagrad-sn+adaptive" / "checkpoint.pt", weights_only=True)
+    assert ck["run"]["step"] == 2 and ck["batch"]["steps"] == 2 and ck["run"]["tokens"] > 0
+    ck = torch.load(out / "muon" / "checkpoint.pt", weights_only=True)
+    assert ck["optimizer"]["state"] and ck["run"]["step"] == 2
+    bench(*common, "--resume")
+    ref, got = _by_name(_summary(adaptive_run)), _by_name(_summary(out))
+    for name in ("muon", "adagrad-sn+adaptive"):
+        assert got[name]["curve"] == ref[name]["curve"], name
+    assert got["adagrad-sn+adaptive"]["batch_history"] == ref["adagrad-sn+adaptive"]["batch_history"]
+
+
+def test_batch_schedule_option_applies_to_every_entry():
+    from snsm.bench.cli import _adaptive_settings, _resolve_preset, build_parser
+    args = build_parser().parse_args(["--preset", "default", "--batch-schedule", "adaptive"])
+    preset = _resolve_preset(args)
+    assert _adaptive_settings(args, preset, ["adamw"]) == {"batch_schedule": "adaptive", "max_batch_size": 32,
+                                                           "batch_eta": 0.25, "micro_batch": 2}
+    args = build_parser().parse_args(["--preset", "default"])
+    assert _adaptive_settings(args, preset, ["adamw", "muon"]) is None
+    assert _adaptive_settings(args, preset, ["adagrad-norm+adaptive"])["batch_schedule"] == "fixed"
+    assert set(PRESETS["family"].optimizers) >= set(FAMILY) | {"adamw", "adagrad-norm+adaptive",
+                                                               "adagrad-sn+adaptive"}
+    assert not set(PRESETS["default"].optimizers) & set(FAMILY)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "smoke", "--optimizers", "adagrad-sn+adaptive", "--max-batch-size", "4"], "must be >= --batch-size"),
+    (["--preset", "smoke", "--optimizers", "adagrad-sn+adaptive", "--max-batch-size", "18", "--micro-batch", "4"],
+     "multiple of the micro-batch"),
+    (["--preset", "smoke", "--max-batch-size", "64"], "need --batch-schedule adaptive"),
+    (["--preset", "smoke", "--batch-schedule", "adaptive", "--batch-size", "4", "--micro-batch", "4"],
+     "needs >= 2 micro-batches"),
+    (["--preset", "smoke", "--batch-schedule", "adaptive", "--batch-eta", "0"], "--batch-eta must be > 0"),
+])
+def test_adaptive_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snsm-bench: error:") and message in err and err.strip().count("\n") == 0

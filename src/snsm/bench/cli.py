@@ -9,6 +9,8 @@ Examples::
     python -m snsm.bench --sweep lr --optimizers adamw,adamw-sn   # learning-rate sweep
     python -m snsm.bench --data-files my_texts/ --preset default
     python -m snsm.bench --preset paper-60m --device cuda          # GPU; streams allenai/c4
+    python -m snsm.bench --preset family                # AdaGrad-Norm, AdaGO, Muon, adaptive batches
+    python -m snsm.bench --optimizers adagrad-sn --batch-schedule adaptive --max-batch-size 32
 
 Bad input exits with a one-line error (status 2) and no traceback.
 """
@@ -27,6 +29,22 @@ from pathlib import Path
 from . import BenchError
 
 log = logging.getLogger("snsm.bench")
+
+
+MAX_BATCH_FACTOR = 4  # default --max-batch-size: 4 x --batch-size
+DEFAULT_BATCH_ETA = 0.25  # snsm.AdaptiveBatchSize's default
+ADAPTIVE_MICRO_STEPS = 4  # default micro-batches per step at the starting batch (adaptive jobs)
+
+
+def adaptive_micro_batch(batch_size: int, micro_batch: int | None) -> int:
+    """The micro-batch (the controller's granularity) of an adaptive job: ``--micro-batch`` if given,
+    else ``batch_size / 4`` (or ``/ 2``): the variance estimate needs >= 2 micro-batches per step."""
+    if micro_batch:
+        return micro_batch
+    for k in (ADAPTIVE_MICRO_STEPS, 2):
+        if batch_size % k == 0:
+            return batch_size // k
+    return batch_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int)
     g.add_argument("--rank", type=int, help="subspace rank (default hidden // 4)")
     g.add_argument("--proj-gap", type=int, help="steps between projector refreshes")
+    b = p.add_argument_group("adaptive batch size (snsm.AdaptiveBatchSize, norm test)")
+    b.add_argument("--batch-schedule", choices=["fixed", "adaptive"], default="fixed",
+                   help="adaptive: every entry grows its batch (gradient-accumulation micro-steps) as the "
+                        "controller says, up to --max-batch-size, within the same token budget (the '+adaptive' "
+                        "entries always do); default fixed")
+    b.add_argument("--max-batch-size", type=int,
+                   help=f"cap on the adaptive batch, sequences (default {MAX_BATCH_FACTOR} x --batch-size)")
+    b.add_argument("--batch-eta", type=float,
+                   help=f"the norm test's eta: smaller grows the batch sooner (default {DEFAULT_BATCH_ETA})")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop every job after N steps of this invocation, leaving a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -182,10 +209,35 @@ def _prepare_data(args, preset, cache_dir: Path, out: Path):
     return {"train": str(train_path), "val": str(val_path)}, facts
 
 
-def _run_config(args, preset, names, lrs, device):
-    return {"preset": dataclasses.asdict(preset), "optimizers": names, "lr": lrs, "seed": args.seed,
-            "device": device, "dataset": args.dataset, "data_files": args.data_files, "sweep": args.sweep,
-            "sweep_factors": args.sweep_factors if args.sweep else None}
+def _run_config(args, preset, names, lrs, device, batch=None):
+    config = {"preset": dataclasses.asdict(preset), "optimizers": names, "lr": lrs, "seed": args.seed,
+              "device": device, "dataset": args.dataset, "data_files": args.data_files, "sweep": args.sweep,
+              "sweep_factors": args.sweep_factors if args.sweep else None}
+    if batch:  # only when some job is adaptive (keeps older runs resumable)
+        config["adaptive_batch"] = batch
+    return config
+
+
+def _adaptive_settings(args, preset, names) -> dict | None:
+    """``{"batch_schedule", "max_batch_size", "batch_eta", "micro_batch"}`` if any job is adaptive, else None."""
+    from .optimizers import REGISTRY
+    adaptive = args.batch_schedule == "adaptive" or any(REGISTRY[n].batch_schedule == "adaptive" for n in names)
+    if not adaptive:
+        if args.max_batch_size is not None or args.batch_eta is not None:
+            raise BenchError("--max-batch-size / --batch-eta need --batch-schedule adaptive or an '+adaptive' entry")
+        return None
+    micro = adaptive_micro_batch(preset.batch_size, preset.micro_batch)
+    if preset.batch_size // micro < 2:
+        raise BenchError(f"the adaptive batch size needs >= 2 micro-batches per step to estimate the gradient "
+                         f"noise: --batch-size {preset.batch_size} with micro-batch {micro}")
+    cap = args.max_batch_size if args.max_batch_size is not None else MAX_BATCH_FACTOR * preset.batch_size
+    if cap < preset.batch_size or cap % micro:
+        raise BenchError(f"--max-batch-size {cap} must be >= --batch-size {preset.batch_size} and a multiple of "
+                         f"the micro-batch {micro}")
+    eta = args.batch_eta if args.batch_eta is not None else DEFAULT_BATCH_ETA
+    if not 0 < eta < float("inf"):
+        raise BenchError(f"--batch-eta must be > 0, got {eta}")
+    return {"batch_schedule": args.batch_schedule, "max_batch_size": cap, "batch_eta": eta, "micro_batch": micro}
 
 
 def run(args) -> int:
@@ -219,7 +271,8 @@ def run(args) -> int:
     out = Path(args.out or f"results/{preset.name}{'-sweep-lr' if args.sweep else ''}")
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir or os.environ.get("SNSM_BENCH_CACHE") or ".cache/snsm-bench")
-    config = _run_config(args, preset, names, lrs, device)
+    batch = _adaptive_settings(args, preset, names)
+    config = _run_config(args, preset, names, lrs, device, batch)
     cfg_path = out / "config.json"
     if args.resume:
         if not cfg_path.exists():
@@ -250,12 +303,20 @@ def run(args) -> int:
     }
     if device.startswith("cuda"):
         base["threads"] = max(1, _cpu_count() // workers)
+    from .optimizers import REGISTRY, learning_rate
     jobs = []
     for n in names:
+        spec = REGISTRY[n]
+        extra = {}
+        if spec.aux_lr_from:  # the non-matrix group's lr: that entry's (with --lr overrides), never swept
+            extra["aux_lr"] = lrs.get(spec.aux_lr_from) or learning_rate(spec.aux_lr_from, preset.lr_table)
+        if batch and (spec.batch_schedule == "adaptive" or args.batch_schedule == "adaptive"):
+            extra.update({"batch_schedule": "adaptive", "max_batch_size": batch["max_batch_size"],
+                          "batch_eta": batch["batch_eta"], "micro_batch": batch["micro_batch"]})
         for f in factors or [None]:
             lr = lrs[n] * f if f is not None else lrs[n]
             name = n if f is None else f"{n}@{lr:.3g}"
-            jobs.append({**base, "name": name, "optimizer": n, "lr": lr,
+            jobs.append({**base, **extra, "name": name, "optimizer": n, "lr": lr,
                          "dir": str(out / ("sweep" if f is not None else "") / name)})
     log.info("running %d job(s) on %s, %d at a time: %s", len(jobs), device, workers, ", ".join(j["name"] for j in jobs))
     results = run_jobs(jobs, workers, show_progress=not args.no_progress and sys.stderr.isatty())
@@ -276,6 +337,9 @@ def run(args) -> int:
         "data": facts["data"], "train_tokens_available": facts["train_tokens_available"],
         "command": "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
+    if batch:
+        meta["adaptive_batch"] = {k: v for k, v in batch.items() if k != "batch_schedule"}
+        meta["adaptive_batch"]["test"] = "norm"
     ordered = [results[j["name"]] for j in jobs]
     if args.sweep:
         return _sweep_report(out, meta, ordered, names, factors)

@@ -16,6 +16,24 @@ the preset (rank ``hidden // 4``):
 * ``adagrad-snsm``    AdaGrad-SN (summed second moment) + Subspace-Momentum
 * ``sgd-sm``          SGD with Subspace-Momentum
 
+The AdaGrad family (issue 7; ``--preset family``), all grouped with
+:func:`snsm.param_groups` as above:
+
+* ``adagrad-norm``    :class:`snsm.AdaGradNorm`: ONE accumulator per linear weight
+  (momentum 0.9). Its update has Frobenius norm <= lr per tensor, so its lr is
+  ~sqrt(rows) larger than AdaGrad-SN's; the coordinate-wise group (embeddings,
+  norms) therefore keeps ``adagrad-sn``'s lr (``aux_lr``) instead of sharing it.
+* ``adagrad-sn``      :class:`snsm.AdaGradSN` (momentum 0.9), one lr for both groups
+* ``adago``           :class:`snsm.AdaGO` (momentum 0.95, Nesterov off, the paper's
+  update; defaults gamma 10, v0 1e-2, eps 1e-6); AdamW on the coordinate-wise
+  group at ``adamw``'s lr (``aux_lr``)
+* ``muon``            the peer: ``torch.optim.Muon`` (momentum 0.95, Nesterov, the
+  ``"original"`` shape factor, weight decay 0) on the same matrices as AdaGO, and
+  ``torch.optim.AdamW`` at ``adamw``'s lr on the rest, behind :class:`MuonWithAdamW`
+* ``adagrad-norm+adaptive``, ``adagrad-sn+adaptive``: the same optimizers with
+  the adaptive batch size (``snsm.AdaptiveBatchSize``, norm test), whatever
+  ``--batch-schedule`` says (see :mod:`snsm.bench.train`)
+
 Baselines: ``adamw`` (``torch.optim.AdamW``, the reference line),
 ``adafactor`` (``torch.optim.Adafactor``), and the peers' own packages when
 installed: ``galore`` (``galore-torch``'s ``GaLoreAdamW`` on the attention and
@@ -25,6 +43,8 @@ skipped with the reason.
 """
 from __future__ import annotations
 
+import collections
+import collections.abc
 import contextlib
 import dataclasses
 import io
@@ -57,6 +77,7 @@ class BuildContext:
     hidden: int
     heads: int
     seed: int = 0
+    aux_lr: float | None = None  # lr of the coordinate-wise group, for entries with ``aux_lr_from``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +86,8 @@ class OptimizerSpec:
     description: str
     build: Callable[[nn.Module, float, BuildContext], torch.optim.Optimizer]
     package: str | None = None  # pip name of a peer package
+    aux_lr_from: str | None = None  # entry whose lr the non-matrix group takes (BuildContext.aux_lr)
+    batch_schedule: str | None = None  # "adaptive": always runs with the adaptive batch size
 
 
 def _sm(ctx: BuildContext) -> dict[str, Any]:
@@ -104,6 +127,133 @@ def _adagrad_snsm(model, lr, ctx):
 def _sgd_sm(model, lr, ctx):
     import snsm
     return snsm.SGDSM(snsm.param_groups(model, **_sm(ctx)), lr=lr, momentum=BETAS[0], weight_decay=0.0)
+
+
+ADAGRAD_MOMENTUM = BETAS[0]
+MUON_MOMENTUM = 0.95  # torch.optim.Muon's default; AdaGO's too
+
+
+def _aux_lr(ctx: BuildContext, lr: float) -> float:
+    return ctx.aux_lr if ctx.aux_lr is not None else lr
+
+
+def _adagrad_norm(model, lr, ctx):
+    import snsm
+    matrices, rest = snsm.param_groups(model)
+    return snsm.AdaGradNorm([matrices, {**rest, "lr": _aux_lr(ctx, lr)}], lr=lr, momentum=ADAGRAD_MOMENTUM,
+                            eps=EPS, weight_decay=0.0)
+
+
+def _adagrad_sn(model, lr, ctx):
+    import snsm
+    return snsm.AdaGradSN(snsm.param_groups(model), lr=lr, momentum=ADAGRAD_MOMENTUM, eps=EPS, weight_decay=0.0)
+
+
+def _adago(model, lr, ctx):
+    import snsm
+    return snsm.AdaGO(snsm.param_groups(model), lr=lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
+                      adamw_lr=_aux_lr(ctx, 3e-3), adamw_betas=BETAS, adamw_eps=EPS)
+
+
+class _StateView(collections.abc.Mapping):
+    """Read-only union of several optimizers' ``state`` (disjoint parameters). Unlike a
+    ``ChainMap`` it never indexes a ``defaultdict`` with a key it lacks (that would insert it)."""
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def __getitem__(self, key):
+        for m in self.maps:
+            if key in m:
+                return m[key]
+        raise KeyError(key)
+
+    def __iter__(self):
+        for m in self.maps:
+            yield from m
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.maps)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the matrices and ``torch.optim.AdamW`` on everything else, as ONE optimizer.
+
+    ``param_groups`` is the Muon groups followed by the AdamW groups (the
+    children's own dicts, so an LR scheduler drives both), ``state`` a read-only
+    view of both children's states, and ``state_dict()`` a standard flat
+    ``{"state", "param_groups"}`` dict (parameters numbered across both, tensors
+    and plain values only: it loads with ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, muon_params, adamw_params, *, lr: float, adamw_lr: float, momentum: float = MUON_MOMENTUM,
+                 nesterov: bool = True, weight_decay: float = 0.0, adjust_lr_fn: str | None = None,
+                 adamw_betas=BETAS, adamw_eps: float = EPS):
+        self.muon = torch.optim.Muon(muon_params, lr=lr, momentum=momentum, nesterov=nesterov,
+                                     weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
+        self.adamw = torch.optim.AdamW(adamw_params, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
+                                       weight_decay=weight_decay)
+        self.optimizers = (self.muon, self.adamw)
+        # What torch.optim.Optimizer.__init__ sets up, minus its own groups and state (the children own those).
+        self.defaults = {}
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                      "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, collections.OrderedDict())
+        self._patch_step_function()
+
+    @property
+    def param_groups(self) -> list[dict]:  # the children replace their group dicts on load_state_dict
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> collections.abc.Mapping:
+        return _StateView([o.state for o in self.optimizers])
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError("MuonWithAdamW: add groups to .muon or .adamw")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            for g in sd["param_groups"]:
+                groups.append({**g, "params": [i + offset for i in g["params"]]})
+            state.update({i + offset: s for i, s in sd["state"].items()})
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"MuonWithAdamW: the state dict has {len(groups)} parameter groups, "
+                             f"this optimizer {len(self.param_groups)}")
+        start = offset = 0
+        for o in self.optimizers:
+            mine = groups[start:start + len(o.param_groups)]
+            start += len(o.param_groups)
+            ids = [i for g in mine for i in g["params"]]
+            o.load_state_dict({
+                "state": {i - offset: state_dict["state"][i] for i in ids if i in state_dict["state"]},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine],
+            })
+            offset += len(ids)
+
+
+def _muon(model, lr, ctx):
+    import snsm
+    matrices, rest = snsm.param_groups(model)
+    return MuonWithAdamW(matrices["params"], rest["params"], lr=lr, adamw_lr=_aux_lr(ctx, 3e-3))
 
 
 @contextlib.contextmanager
@@ -161,6 +311,14 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("rmsprop-sn", "snsm.RMSpropSN", _rmsprop_sn),
     OptimizerSpec("adagrad-snsm", "snsm.AdaGradSNSM, SVD projector", _adagrad_snsm),
     OptimizerSpec("sgd-sm", "snsm.SGDSM, SVD projector", _sgd_sm),
+    OptimizerSpec("adagrad-norm", "snsm.AdaGradNorm, momentum 0.9", _adagrad_norm, aux_lr_from="adagrad-sn"),
+    OptimizerSpec("adagrad-sn", "snsm.AdaGradSN, momentum 0.9", _adagrad_sn),
+    OptimizerSpec("adago", "snsm.AdaGO (AdamW on the rest)", _adago, aux_lr_from="adamw"),
+    OptimizerSpec("muon", "torch.optim.Muon + torch.optim.AdamW on the rest", _muon, aux_lr_from="adamw"),
+    OptimizerSpec("adagrad-norm+adaptive", "snsm.AdaGradNorm, adaptive batch size", _adagrad_norm,
+                  aux_lr_from="adagrad-sn", batch_schedule="adaptive"),
+    OptimizerSpec("adagrad-sn+adaptive", "snsm.AdaGradSN, adaptive batch size", _adagrad_sn,
+                  batch_schedule="adaptive"),
 ]}
 
 

@@ -11,7 +11,12 @@ Definitions (per optimizer):
   slack), on CUDA ``torch.cuda.max_memory_allocated``; ``peak_tensor_bytes``
   is what ``MemTracker`` counts (live tensors only) over the first two steps;
 * ``tokens_per_s`` and ``step_time_ratio_vs_adamw`` from CPU time per step
-  (wall time, synchronized, on CUDA), excluding the first two steps.
+  (wall time, synchronized, on CUDA), excluding the first two steps; for an
+  adaptive-batch entry, per ``batch_size * seq_len`` tokens (equal work).
+* adaptive-batch entries (``batch_schedule: "adaptive"``) also carry
+  ``steps`` (optimizer steps taken), ``batch_history`` (change points
+  ``[step, tokens before it, batch size]``), ``final_batch_size``,
+  ``max_batch_size``, ``batch_eta``, ``micro_batch`` and ``opt_step_time_s``.
 """
 from __future__ import annotations
 
@@ -80,7 +85,7 @@ def _num(x, fmt):
 def _tokens(t):
     if t is None:
         return "never"
-    return f"{t / 1e6:.2f}M" if t >= 1e6 else f"{t / 1e3:.0f}k"
+    return f"{t / 1e6:.2f}M" if t >= 1e6 else (f"{t / 1e3:.0f}k" if t >= 1e3 else f"{t}")
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -104,6 +109,27 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_adaptive(summary: dict[str, Any]) -> str:
+    """One line per adaptive-batch entry: optimizer steps and the batch-size history."""
+    lines = []
+    for e in summary["optimizers"]:
+        if e.get("skipped") or e.get("batch_schedule") != "adaptive":
+            continue
+        hist = e.get("batch_history") or []
+        grew = ", ".join(f"{b} from step {st} ({_tokens(t)} tokens)" if b > prev[2] else
+                         f"{b} at step {st} (the last batch, cut to the token budget)"
+                         for prev, (st, t, b) in zip(hist, hist[1:])) or "never grew"
+        start = hist[0][2] if hist else summary.get("batch_size")
+        lines.append(f"* `{e['name']}`: {e['steps']} optimizer steps (fixed batch: {summary.get('steps')}) for "
+                     f"{_tokens(e['tokens'])} tokens; batch {start} -> {e.get('final_batch_size')} (cap "
+                     f"{e.get('max_batch_size')}, micro-batch {e.get('micro_batch')}, eta {e.get('batch_eta')}): {grew}.")
+    if not lines:
+        return ""
+    return ("Adaptive batch size (`snsm.AdaptiveBatchSize`, norm test on the gradient-accumulation micro-batches; "
+            "the last batch is cut to the token budget; its step time is per "
+            f"{summary.get('batch_size')} x {summary.get('seq_len')} tokens):\n\n" + "\n".join(lines) + "\n")
+
+
 def format_results_md(summary: dict[str, Any]) -> str:
     s = summary
     out = [
@@ -125,6 +151,7 @@ def format_results_md(summary: dict[str, Any]) -> str:
         "growth of the worker's max RSS (GPU: max allocated) and MemTracker's live-tensor peak. "
         "Step time: CPU time per step, one thread per worker.",
         "",
+        *([format_adaptive(s)] if format_adaptive(s) else []),
         "![validation loss](loss.png)",
         "",
     ]
@@ -146,8 +173,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         xs = [c[0] / 1e6 for c in curve]
         ys = [c[1] for c in curve]
         ref_line = e.get("optimizer", e["name"]) == "adamw"
-        baseline = e.get("optimizer", e["name"]) in ("adafactor", "galore", "adam-mini")
-        ax.plot(xs, ys, "--" if baseline else "-", marker="o", ms=3, lw=2.5 if ref_line else 1.5,
+        baseline = e.get("optimizer", e["name"]) in ("adafactor", "galore", "adam-mini", "muon")
+        style = "--" if baseline else (":" if e.get("batch_schedule") == "adaptive" else "-")
+        ax.plot(xs, ys, style, marker="o", ms=3, lw=2.5 if ref_line else 1.5,
                 color="black" if ref_line else colors[i % len(colors)], label=f"{e['name']} (lr {e['lr']:g})")
     ref = summary.get("adamw_final_val_loss")
     if ref is not None:

@@ -284,9 +284,14 @@ class Batches:
 
     def batch(self, step: int) -> torch.Tensor:
         per_rank = self.batch_size // self.world_size
-        start = step * self.batch_size + self.rank * per_rank
+        return self.rows(step * self.batch_size + self.rank * per_rank, per_rank)
+
+    def rows(self, start: int, n: int) -> torch.Tensor:
+        """Sequences ``start .. start + n - 1`` of the stream, (n, seq_len + 1): ``batch(step)`` is
+        ``rows(step * batch_size, batch_size)``, so a run with variable batch sizes (the adaptive
+        batch schedule, which tracks its position in sequences) reads the same stream."""
         rows = []
-        for g in range(start, start + per_rank):
+        for g in range(start, start + n):
             b = self._block_index(g) * self.seq_len
             rows.append(np.asarray(self.tokens[b:b + self.seq_len + 1], dtype=np.int64))
         return torch.from_numpy(np.stack(rows))

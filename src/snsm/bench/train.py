@@ -27,6 +27,24 @@ first two steps) and by ``ru_maxrss`` minus its value before the model was
 built (which also sees LAPACK workspace, allocator slack, ...); on CUDA
 ``torch.cuda.max_memory_allocated``.
 
+Adaptive batch size (``--batch-schedule adaptive`` or the ``+adaptive``
+entries): :class:`snsm.AdaptiveBatchSize` (AdAdaGrad's norm test, variance
+estimated from the gradient-accumulation micro-batches) picks each step's
+batch, a multiple of the micro-batch (``--micro-batch``; default a quarter of
+``--batch-size``, so a step starts with 4 micro-batches), starting at
+``--batch-size``, never shrinking, capped at ``--max-batch-size``. The job
+counts tokens (the sum of its batch sizes times the sequence length), reads
+the same sequence stream as a fixed-batch job (:meth:`Batches.rows`), stops at
+the same training-token budget (``steps * batch_size * seq_len``; its last
+batch is cut to what is left), runs the warm-up/cosine schedule and the
+evaluations by tokens (an evaluation at the first step at or past each
+``eval_every * batch_size * seq_len`` tokens), keeps the controller's state in
+its checkpoints (resume is exact) and reports the batch-size history (change
+points ``[step, tokens before the step, batch size]``) in its result. Its
+``step_time_s`` is CPU time per ``batch_size * seq_len`` tokens (so the
+"step time vs AdamW" column compares equal work); ``opt_step_time_s`` is per
+optimizer step.
+
 Distributed training (``--nproc``) is reserved: the step function takes
 a micro-batched global batch, and :class:`~snsm.bench.data.Batches` already
 slices by rank, so a DDP/FSDP2 wrapper slots in around :func:`train_step`.
@@ -119,8 +137,14 @@ def _load_tokens(path: str):
     return np.load(path) if os.path.getsize(path) < (1 << 30) else np.load(path, mmap_mode="r")
 
 
-def train_step(model, opt, block, micro_batch: int | None, clip: float, device, autocast_dtype=None) -> float:
-    """One optimizer step on ``block`` (batch, seq_len + 1), in micro-batches; returns the mean loss."""
+def train_step(model, opt, block, micro_batch: int | None, clip: float, device, autocast_dtype=None,
+               observe=None, tracker=None) -> float:
+    """One optimizer step on ``block`` (batch, seq_len + 1), in micro-batches; returns the mean loss.
+
+    ``observe(samples)``, if given, is called after each micro-batch's ``backward()`` (before
+    clipping): the adaptive batch-size controller reads the accumulating gradients there.
+    ``tracker``: the active ``MemTracker``, whose per-module statistics are reset between
+    micro-batches (it refuses a second forward of the same module otherwise; its global peak stays)."""
     import torch
     from .model import lm_loss
 
@@ -128,10 +152,14 @@ def train_step(model, opt, block, micro_batch: int | None, clip: float, device, 
     micro = micro_batch or n
     total = 0.0
     for i in range(0, n, micro):
+        if tracker is not None and i:
+            tracker.reset_mod_stats()
         x = block[i:i + micro].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = lm_loss(model, x) * (x.size(0) / n)
         loss.backward()
+        if observe is not None:
+            observe(x.size(0))
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
@@ -224,13 +252,29 @@ def _train(job: dict, progress: _Progress) -> dict:
     model.to(device)
     size = model_size(job["model"])
     ctx = BuildContext(rank=job["rank"], proj_gap=job["proj_gap"], hidden=size.hidden, heads=size.heads,
-                       seed=job["seed"])
+                       seed=job["seed"], aux_lr=job.get("aux_lr"))
     opt = REGISTRY[job["optimizer"]].build(model, job["lr"], ctx)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(steps, job["warmup_frac"], job["min_lr_ratio"]))
-
     run = {"step": 0, "curve": [], "train_loss": [], "step_time": 0.0, "step_wall": 0.0, "timed_steps": 0,
            "peak_tensor_bytes": None, "peak_rss_delta_bytes": 0, "peak_cuda_bytes": None, "diverged": False}
+    factor = cosine_with_warmup(steps, job["warmup_frac"], job["min_lr_ratio"])
+    adaptive = job.get("batch_schedule") == "adaptive"
+    train_tokens = steps * tokens_per_step
+    ctl = None
+    if adaptive:
+        import snsm
+        ctl = snsm.AdaptiveBatchSize(bsz, job["max_batch_size"], test="norm", eta=job["batch_eta"],
+                                     granularity=job["micro_batch"])
+        run.update({"tokens": 0, "timed_tokens": 0, "batch_history": []})
+        # the schedule by tokens: "step" s of the fixed-batch schedule is s * batch_size * seq_len tokens
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: factor(run["tokens"] / tokens_per_step))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def tokens_now() -> int:
+        return run["tokens"] if adaptive else run["step"] * tokens_per_step
+
+    def finished() -> bool:
+        return run["tokens"] >= train_tokens if adaptive else run["step"] >= steps
     ckpt_path = jobdir / "checkpoint.pt"
     if job.get("resume") and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=True, map_location=device)
@@ -244,6 +288,8 @@ def _train(job: dict, progress: _Progress) -> dict:
         if cuda and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
         run.update(ck["run"])
+        if ctl is not None:
+            ctl.load_state_dict(ck["batch"])
         assert ck["data"]["step"] == run["step"]
         log.info("resumed %s at step %d", job["name"], run["step"])
 
@@ -252,21 +298,31 @@ def _train(job: dict, progress: _Progress) -> dict:
             "job": _identity(job), "model": model.state_dict(), "optimizer": export_state(opt),
             "scheduler": sched.state_dict(), "data": {"step": run["step"], "seed": job["seed"]},
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None},
-            "run": run,
+            "run": run, **({"batch": ctl.state_dict()} if ctl is not None else {}),
         }, ckpt_path)
 
     def eval_now() -> None:
         loss = evaluate(model, val, job["eval_batch"], device, amp)
-        run["curve"].append([run["step"] * tokens_per_step, loss])
+        run["curve"].append([tokens_now(), loss])
         progress.send("eval", run["step"], loss)
 
+    eval_tokens = job["eval_every"] * tokens_per_step
     stop_at = run["step"] + job["stop_after"] if job.get("stop_after") else None
     ema = None
-    while run["step"] < steps:
+    observe = None
+    while not finished():
         step = run["step"]
-        if step % job["eval_every"] == 0 and (not run["curve"] or run["curve"][-1][0] != step * tokens_per_step):
+        # evaluate at step 0 and at the first step at or past every eval_every * tokens_per_step tokens
+        if not run["curve"] or run["curve"][-1][0] // eval_tokens < tokens_now() // eval_tokens:
             eval_now()
-        block = batches.batch(step)
+        if adaptive:
+            b = min(ctl.batch_size, (train_tokens - run["tokens"]) // seq)  # the last batch: what is left
+            block = batches.rows(run["tokens"] // seq, b)
+            if not run["batch_history"] or run["batch_history"][-1][2] != b:
+                run["batch_history"].append([step, run["tokens"], b])
+            observe = None if b < 2 * job["micro_batch"] else (lambda n: ctl.observe(model, samples=n))
+        else:
+            block = batches.batch(step)
         tracker = None
         if step < 2 and not cuda:
             from torch.distributed._tools.mem_tracker import MemTracker
@@ -277,20 +333,29 @@ def _train(job: dict, progress: _Progress) -> dict:
         c0, w0 = time.process_time(), time.perf_counter()
         if tracker is not None:
             with tracker:
-                loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp)
+                loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp, observe,
+                                  tracker)
             peak = _memtracker_peak(tracker)
             run["peak_tensor_bytes"] = max(run["peak_tensor_bytes"] or 0, peak or 0) or None
         else:
-            loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp)
+            loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp, observe)
         if cuda:
             torch.cuda.synchronize(device)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        if adaptive:
+            run["tokens"] += block.size(0) * seq
+            if observe is not None:
+                ctl.update()  # the next step's batch size
+            else:
+                ctl.reset()
         sched.step()
         run["step"] = step + 1
         if step >= 2:  # the first two steps run under MemTracker (CPU) or warm up kernels (GPU)
             run["step_time"] += wall if cuda else cpu
             run["step_wall"] += wall
             run["timed_steps"] += 1
+            if adaptive:
+                run["timed_tokens"] += block.size(0) * seq
         run["train_loss"].append(loss)
         if not math.isfinite(loss):
             run["diverged"] = True
@@ -298,26 +363,40 @@ def _train(job: dict, progress: _Progress) -> dict:
             break
         ema = loss if ema is None else 0.9 * ema + 0.1 * loss
         per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else (wall if cuda else cpu)
-        progress.send("step", run["step"], steps, ema, tokens_per_step / max(per_step, 1e-9))
+        tps = tokens_per_step / max(per_step, 1e-9)
+        if adaptive:
+            tps = run["timed_tokens"] / max(run["step_time"], 1e-9) if run["timed_steps"] else 0.0
+        progress.send("step", tokens_now() // tokens_per_step, steps, ema, tps)
         run["peak_rss_delta_bytes"] = max(run["peak_rss_delta_bytes"], rss_bytes() - rss0)
         if cuda:
             run["peak_cuda_bytes"] = max(run["peak_cuda_bytes"] or 0, torch.cuda.max_memory_allocated(device))
         if run["step"] % job["ckpt_every"] == 0 or (stop_at is not None and run["step"] >= stop_at):
             save_checkpoint()
-        if stop_at is not None and run["step"] >= stop_at and run["step"] < steps:
+        if stop_at is not None and run["step"] >= stop_at and not finished():
             return {"name": job["name"], "status": "stopped", "step": run["step"]}
 
     log.info("%s: ru_maxrss at the end: %.1f MiB", job["name"], rss_bytes() / 2**20)
-    if not run["diverged"] and (not run["curve"] or run["curve"][-1][0] != run["step"] * tokens_per_step):
+    if not run["diverged"] and (not run["curve"] or run["curve"][-1][0] != tokens_now()):
         eval_now()
     params = count_params(model)
     final = run["curve"][-1][1] if run["curve"] and not run["diverged"] else None
     per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else None
     per_wall = run["step_wall"] / run["timed_steps"] if run["timed_steps"] else None
+    extra = {"batch_schedule": "adaptive" if adaptive else "fixed"}
+    if adaptive:
+        extra.update({
+            "opt_step_time_s": per_step, "micro_batch": job["micro_batch"], "max_batch_size": job["max_batch_size"],
+            "batch_eta": job["batch_eta"], "batch_test": "norm", "batch_history": run["batch_history"],
+            # the largest batch used (the batch never shrinks; only the very last one may be cut)
+            "final_batch_size": max((b for _, _, b in run["batch_history"]), default=bsz),
+        })
+        timed = run["timed_tokens"]
+        per_step = run["step_time"] * tokens_per_step / timed if timed else None  # per tokens_per_step tokens
+        per_wall = run["step_wall"] * tokens_per_step / timed if timed else None
     return {
         "name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "done",
         "final_val_loss": final, "final_val_ppl": math.exp(final) if final is not None else None,
-        "diverged": run["diverged"], "steps": run["step"], "tokens": run["step"] * tokens_per_step,
+        "diverged": run["diverged"], "steps": run["step"], "tokens": tokens_now(),
         "state_bytes": state_bytes(opt), "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "n_params": params["total"],
         "peak_tensor_bytes": run["peak_tensor_bytes"], "peak_rss_delta_bytes": run["peak_rss_delta_bytes"],
@@ -326,7 +405,7 @@ def _train(job: dict, progress: _Progress) -> dict:
         "step_time_kind": "wall (cuda synchronized)" if cuda else "process CPU time",
         "tokens_per_s": tokens_per_step / per_step if per_step else None,
         "final_train_loss": run["train_loss"][-1] if run["train_loss"] else None,
-        "curve": run["curve"],
+        "curve": run["curve"], **extra,
     }
 
 
@@ -334,8 +413,13 @@ _IDENTITY_KEYS = ("optimizer", "lr", "model", "vocab_size", "seq_len", "batch_si
                   "eval_every", "eval_seqs", "warmup_frac", "min_lr_ratio", "clip", "rank", "proj_gap", "seed")
 
 
+_OPTIONAL_IDENTITY_KEYS = ("aux_lr", "batch_schedule", "max_batch_size", "batch_eta")  # only when set
+
+
 def _identity(job: dict) -> dict:
-    return {k: job[k] for k in _IDENTITY_KEYS}
+    ident = {k: job[k] for k in _IDENTITY_KEYS}
+    ident.update({k: job[k] for k in _OPTIONAL_IDENTITY_KEYS if job.get(k) is not None})
+    return ident
 
 
 def worker_main(job: dict, q=None) -> None:
