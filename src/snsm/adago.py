@@ -23,7 +23,7 @@ normalisation (divide by the Frobenius norm, clamped at 1e-7; iterate on the
 wide orientation). It does not converge to ``U V^T`` exactly: the singular
 values of ``O_t`` land in roughly [0.7, 1.2]. ``s`` is the shape factor of
 ``adjust_lr_fn``: ``None`` (default) is 1, the paper's update;
-``"original"`` is ``sqrt(max(1, m / n))`` (Keller Jordan's Muon, and the
+``"original"`` is ``sqrt(max(1, m / n))`` (the original Muon's, and the
 default of ``torch.optim.Muon``); ``"match_rms_adamw"`` is
 ``0.2 sqrt(max(m, n))`` (Moonshot's). Weight decay is decoupled and applied
 before the update with the scheduled ``eta_t``, as ``torch.optim.Muon`` does.
@@ -90,7 +90,7 @@ __all__ = ["AdaGO", "newton_schulz", "NS_COEFFICIENTS"]
 
 logger = logging.getLogger(__name__)
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic coefficients
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic coefficients
 NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
