@@ -56,6 +56,10 @@ class _PerTensor:
             return super()._layout(p, group, rules)  # coordinate-wise (or no second moment)
         return SubsetLayout(view=(1, p.numel()), dim=1, state_shape=(1, 1))
 
+    def rules(self, group: dict) -> Rules:
+        _check_subset_size(type(self).__name__, group)
+        return super().rules(group)
+
 
 class AdaGradNorm(_PerTensor, AdaGradSN):
     r"""AdaGrad-Norm: one running-sum accumulator per tensor, optional EMA momentum.
@@ -88,10 +92,6 @@ class AdaGradNorm(_PerTensor, AdaGradSN):
         super().__init__(params, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
                          subset_size=subset_size, state_dtype=state_dtype)
 
-    def rules(self, group: dict) -> Rules:
-        _check_subset_size("AdaGradNorm", group)
-        return super().rules(group)
-
 
 class RMSpropNorm(_PerTensor, RMSpropSN):
     r"""RMSprop-Norm: one EMA accumulator per tensor, no momentum, no bias correction.
@@ -121,7 +121,3 @@ class RMSpropNorm(_PerTensor, RMSpropSN):
     ):
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          subset_size=subset_size, state_dtype=state_dtype)
-
-    def rules(self, group: dict) -> Rules:
-        _check_subset_size("RMSpropNorm", group)
-        return super().rules(group)
