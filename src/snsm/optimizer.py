@@ -90,11 +90,13 @@ def _check_range(name: str, value, low: float, high: float = math.inf, high_open
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+        if torch.compiler.is_compiling():  # reading its value would sync and break the graph
+            return
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r} (expected a number)")
     ok = low <= value < high if high_open else low <= value <= high
-    if not ok or math.isnan(value):
+    if not ok or value != value:  # NaN (math.isnan would not trace under torch.compile)
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"Invalid {name}: {value} (allowed range {bound})")
 
@@ -343,7 +345,7 @@ class SubsetNormOptimizer(Optimizer):
         return loss
 
     def _use_fused(self, p: torch.Tensor, group: dict) -> bool:
-        if group["fused"] is False:
+        if group["fused"] is False or torch.compiler.is_compiling():  # compiled: inductor fuses the reference path
             return False
         ok = fused.supports(p, _state_dtype(p, group))
         if group["fused"] and not ok:
@@ -394,10 +396,21 @@ class SubsetNormOptimizer(Optimizer):
 
 
 # -------------------------------------------------------------------- functional form
-def step_scale(lr, beta1: float, beta2: Optional[float], step: int, bias_correction: bool):
-    """``lr * c_t``: Adam's bias correction ``sqrt(1 - beta2^t) / (1 - beta1^t)`` when asked, else ``lr``."""
+def step_count(step: torch.Tensor):
+    """The step counter as a Python int, or as the tensor itself under ``torch.compile``
+    (reading it would break the graph; :func:`step_scale` takes either)."""
+    return step if torch.compiler.is_compiling() else int(step.item())
+
+
+def step_scale(lr, beta1: float, beta2: Optional[float], step, bias_correction: bool):
+    """``lr * c_t``: Adam's bias correction ``sqrt(1 - beta2^t) / (1 - beta1^t)`` when asked, else ``lr``.
+
+    ``step`` is an int, or a tensor under ``torch.compile`` (then so is the result).
+    """
     if not bias_correction:
         return lr
+    if isinstance(step, torch.Tensor):
+        return lr * (1.0 - torch.pow(beta2, step)).sqrt() / (1.0 - torch.pow(beta1, step))
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
@@ -461,6 +474,52 @@ def _refresh_projector(
     return proj_step != 0
 
 
+#: projectors whose refresh traces into one graph under torch.compile (the random ones seed a host RNG)
+_TRACEABLE_PROJECTIONS = ("svd", "topk")
+
+
+def _fresh(*tensors):
+    """Contiguous copies: ``torch.cond``'s branches must not alias their inputs and must agree on strides."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
+
+
+def _refresh_projector_traced(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step):
+    """:func:`_refresh_projector` for ``torch.compile``: the same policy as tensor ops under ``torch.cond``.
+
+    No host reads: whether a refresh is due, whether the gradient is usable
+    (finite, not all zero) and what happens to the momentum are tensors.
+    Returns a bool tensor: a new basis replaced an earlier one.
+    """
+    proj, proj_step = state["proj"], state["proj_step"]
+    due = (proj_step == 0) | ((step + sub.offset) % sub.gap == 0)
+    fallback = sm.fallback_projector(sub.proj, sub.shape, sub.rank, g.device)
+
+    def refresh(g, mom, old, proj_step, step):
+        a = g.float()
+        usable = torch.isfinite(a).all() & (a.abs().amax() > 0)
+        new = sm.raw_projector(sub.proj, torch.where(usable, a, torch.zeros_like(a)), sub.rank)
+        first = proj_step == 0
+        new = torch.where(usable, new, torch.where(first, fallback, old))
+        if sub.refresh == "transport":
+            carried = sm.transport(mom, old, new, max(sub.shape))
+        elif sub.refresh == "reset":
+            carried = torch.zeros_like(mom)
+        else:  # "reference": read in the new basis this step, zeroed after it
+            carried = mom.clone()
+        replaced = usable & ~first
+        mom = torch.where(replaced, carried, torch.where(first, torch.zeros_like(mom), mom))
+        return _fresh(mom, new, torch.where(usable, step.to(proj_step.dtype), proj_step), replaced)
+
+    def keep(g, mom, old, proj_step, step):
+        return _fresh(mom, old, proj_step, torch.zeros((), dtype=torch.bool, device=step.device))
+
+    mom, new, new_step, replaced = torch.cond(due, refresh, keep, (g, mom_tall, proj, proj_step, step))
+    mom_tall.copy_(mom)
+    proj.copy_(new)
+    proj_step.copy_(new_step)
+    return replaced
+
+
 def sn_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -491,7 +550,7 @@ def sn_step_(
     """
     compute = _compute_dtype(param)
     state["step"] += 1
-    step = int(state["step"].item())
+    step = step_count(state["step"])
     g = grad.to(compute)
     working = Workspace(compute)
 
@@ -500,13 +559,19 @@ def sn_step_(
         gm = g.reshape(subspace.shape)
         a = sm.tall(gm, is_tall)
         mom = sm.tall(working(state["exp_avg"]), is_tall)
-        refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
+        if isinstance(step, torch.Tensor) and subspace.proj in _TRACEABLE_PROJECTIONS:
+            refreshed = _refresh_projector_traced(state, gm, mom, subspace, state["step"])
+        else:
+            refreshed = _refresh_projector(state, gm, mom, subspace, step_count(state["step"]), warn)
         p = state["proj"]
         r = sm.project(a, p)
         mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
         num = sm.tall(sm.numerator(a, mom, r, p), is_tall).reshape(param.shape)
-        if refreshed and subspace.refresh == "reference":
-            mom.zero_()
+        if subspace.refresh == "reference":
+            if isinstance(refreshed, torch.Tensor):
+                mom.masked_fill_(refreshed, 0.0)
+            elif refreshed:
+                mom.zero_()
     elif beta1 > 0:
         num = working(state["exp_avg"]).mul_(beta1).add_(g, alpha=1.0 - beta1)
     else:

@@ -112,6 +112,8 @@ def _matrix_shape(shape: torch.Size) -> tuple:
 def subset_layout(shape: torch.Size, subset_size: SubsetSize) -> SubsetLayout:
     """The partition of a tensor of ``shape`` under ``subset_size`` (see module doc)."""
     validate_subset_size(subset_size)
+    if torch.compiler.is_compiling():  # dynamo traces through the cache anyway (and warns)
+        return _subset_layout.__wrapped__(torch.Size(shape), subset_size)
     return _subset_layout(torch.Size(shape), subset_size)
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "tall",
     "fwht",
     "build_projector",
+    "raw_projector",
     "fallback_projector",
     "project",
     "numerator",
@@ -202,25 +203,29 @@ def build_projector(
     previous projector (or :func:`fallback_projector`).
     """
     g = grad.detach().float()
-    a = tall(g, g.shape[0] >= g.shape[1])
-    if not _usable(a):
+    if not _usable(tall(g, g.shape[0] >= g.shape[1])):
         return None
     try:
-        if proj == "svd":
-            q = _svd_basis(g, rank)
-        elif proj == "randomized":
-            q = _randomized_basis(a, rank, gen)
-        elif proj == "srht":
-            q = _srht_basis(a, rank, gen)
-        elif proj == "topk":
-            return torch.topk(a.norm(dim=1), rank).indices
-        elif proj == "uniform":
-            return torch.randperm(a.shape[0], generator=gen, device=a.device)[:rank]
-        else:
-            raise ValueError(f"Invalid proj: {proj!r} (allowed: {', '.join(PROJECTIONS)})")
+        q = raw_projector(proj, g, rank, gen)
     except torch.linalg.LinAlgError:
         return None
-    return q if bool(torch.isfinite(q).all()) else None
+    return q if not q.is_floating_point() or bool(torch.isfinite(q).all()) else None
+
+
+def raw_projector(proj: str, g: torch.Tensor, rank: int, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The projector of a float32 gradient ``g``, without :func:`build_projector`'s checks (no host reads)."""
+    a = tall(g, g.shape[0] >= g.shape[1])
+    if proj == "svd":
+        return _svd_basis(g, rank)
+    if proj == "randomized":
+        return _randomized_basis(a, rank, gen)
+    if proj == "srht":
+        return _srht_basis(a, rank, gen)
+    if proj == "topk":
+        return torch.topk(a.norm(dim=1), rank).indices
+    if proj == "uniform":
+        return torch.randperm(a.shape[0], generator=gen, device=a.device)[:rank]
+    raise ValueError(f"Invalid proj: {proj!r} (allowed: {', '.join(PROJECTIONS)})")
 
 
 def fallback_projector(proj: str, shape: tuple, rank: int, device) -> torch.Tensor:
@@ -253,7 +258,7 @@ def transport(m: torch.Tensor, p_old: torch.Tensor, p_new: torch.Tensor, rows: i
     momentum, newly selected rows start at zero.
     """
     if p_old.is_floating_point():
-        return m @ (p_old.T @ p_new).to(m.dtype)
+        return m @ (p_old.transpose(0, 1) @ p_new).to(m.dtype)  # not .T: torch.cond would see an aliased input
     full = m.new_zeros(rows, m.shape[1])
     full.index_copy_(0, p_old, m)
     return full.index_select(0, p_new)
