@@ -182,13 +182,22 @@ def _sharded_projector(proj, grad_dt, g_local, shard, rank, is_tall, gen):
     return sm.build_projector(proj, full, rank, gen)
 
 
-def _fused_local(param, state, layout, shard) -> bool:
-    """The fused CPU kernel applies to a shard whose subsets are row-local (no collective needed)."""
+def _fused_local(param, state, layout, shard, subspace=None) -> bool:
+    """Whether the fused CPU kernel applies to this shard.
+
+    Without a subspace: subsets must be row-local (no collective needed). With
+    a dense subspace basis: one step size per row of the tall frame ("auto",
+    or no second moment), as in :mod:`snsm.fused`.
+    """
     from . import fused
 
     p = param.to_local()
     dtypes_ok = all(local(t).dtype == torch.float32 for k, t in state.items() if k in ("exp_avg", "exp_avg_sq"))
-    return (rows_local(layout, shard.cols) and p.device.type == "cpu" and p.dtype == torch.float32
+    if subspace is None:
+        fits = rows_local(layout, shard.cols)
+    else:
+        fits = subspace.proj in sm.DENSE_PROJECTIONS and fused.aligned(layout)
+    return (fits and p.device.type == "cpu" and p.dtype == torch.float32
             and p.is_contiguous() and dtypes_ok and fused.cpu_kernel() is not None)
 
 
@@ -210,6 +219,46 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
     cpu_kernel().sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale,
                          1.0 - lr * weight_decay)
+
+
+def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, layout, shard, is_tall):
+    r"""The fused subspace step on a shard (see :mod:`snsm.fused`): no numerator is built.
+
+    Tall (rows local, ``q`` the ``n x r`` basis): ``R = G Q``,
+    ``W -= s ((M - R) / D) Q^T``, then the kernel's ``W = (W - s G / D) decay``
+    with per-row ``D``. Wide (``q`` this rank's rows of the ``m x r`` basis,
+    replicated ``r x n`` momentum and per-column ``D``): ``R = sum_ranks q^T G``,
+    ``W -= s q ((M - R) / D)``, then the kernel with column subsets.
+    """
+    from .fused import _EMPTY, _second_moment, cpu_kernel
+
+    k = cpu_kernel()
+    v_decay, v_gain = _second_moment(beta2)
+    v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
+    g = g2d if g2d.is_contiguous() else g2d.contiguous()
+    if is_tall:
+        r = g @ q
+        mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+        if beta2 is not None:
+            k.sn_accumulate(g, v, 1, shard.cols, v_decay, v_gain)
+        x = mom - r
+        if beta2 is not None:
+            x.div_(v.view(-1, 1).sqrt().add_(eps))
+        p2d.addmm_(x, q.T, alpha=-scale)
+        kind = 1
+    else:
+        r = _all_reduce(q.T @ g, shard)
+        mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+        if beta2 is not None:
+            sums = _all_reduce((g * g).sum(dim=0), shard).view(v.shape)
+            v.mul_(v_decay).add_(sums, alpha=v_gain)
+        x = mom - r
+        if beta2 is not None:
+            x.div_(v.view(1, -1).sqrt().add_(eps))
+        p2d.addmm_(q, x, alpha=-scale)
+        kind = 2
+    k.sn_step(p2d, g, _EMPTY, v, kind if beta2 is not None else 0, shard.cols, 0.0, v_decay, v_gain, False, eps,
+              scale, decay)
 
 
 def sn_step_sharded_(
@@ -245,6 +294,13 @@ def sn_step_sharded_(
         refreshed = _refresh_projector(state, g2d, mom_a, subspace, step, warn, build=build, local=proj_local)
         p = proj_local
         rows = slice(shard.start, shard.start + shard.count)
+        if _fused_local(param, state, layout, shard, subspace):
+            _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, beta1=beta1, beta2=beta2, eps=eps,
+                                  scale=step_scale(lr, beta1, beta2, step, bias_correction),
+                                  decay=1.0 - float(lr) * weight_decay, layout=layout, shard=shard, is_tall=is_tall)
+            if refreshed and subspace.refresh == "reference":
+                mom.zero_()
+            return
         if dense and is_tall:  # R = G Q, rows local
             r = g2d @ p.to(compute)
             mom.mul_(beta1).add_(r, alpha=1.0 - beta1)

@@ -57,6 +57,12 @@ def _kernel_layout(layout: Optional[SubsetLayout]):
     return (1, cols) if layout.dim == 1 else (2, cols)
 
 
+def aligned(layout: Optional[SubsetLayout]) -> bool:
+    """Whether subsets are the rows of the tall frame ("auto"), or absent: the subspace step then
+    needs no numerator (see the module doc)."""
+    return layout is None or (not layout.coordinate_wise and layout.target == 0)
+
+
 def _second_moment(beta2):
     if beta2 is None:
         return 1.0, 0.0
@@ -96,8 +102,7 @@ def sn_step_fused_(
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
     if beta2 is not None:
         k.sn_accumulate(g, v, kind, row_len, v_decay, v_gain)
-    aligned = beta2 is None or (layout is not None and not layout.coordinate_wise and layout.target == 0)
-    if aligned:
+    if beta2 is None or aligned(layout):
         # per-row denominators of the tall frame ("auto": rows of a tall G, columns of a wide one)
         x = mom - r
         if beta2 is not None:
