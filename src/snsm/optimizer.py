@@ -45,6 +45,7 @@ from torch.optim import Optimizer
 from . import distributed, fused
 from . import subspace as sm
 from ._kernels import unavailable_reason as kernel_error
+from .rounding import rounding_generator, stochastic_round_
 from .subset_norm import SubsetLayout, accumulate_, divide_by_root, subset_layout, validate_subset_size
 from .weight_decay import decoupled_weight_decay_
 
@@ -135,7 +136,9 @@ class SubsetNormOptimizer(Optimizer):
 
     Group options understood by the shell: ``lr``, ``eps``, ``weight_decay``,
     ``subset_size``, ``rank``, ``proj``, ``proj_gap``, ``refresh``, ``seed``,
-    ``state_dtype``, ``stagger`` (spread projector refreshes of different
+    ``state_dtype``, ``stochastic_rounding`` (low-precision state is written
+    back with stochastic rounding, see :mod:`snsm.rounding`; ``False``: round to
+    nearest), ``stagger`` (spread projector refreshes of different
     matrices over the gap), ``fused`` (``None``: the fused CPU kernel where it applies,
     else the reference path; ``True``: require it; ``False``: reference path). Variant options (``betas``, ``momentum``, ``alpha``) are
     read by the variant's :meth:`rules`.
@@ -154,6 +157,7 @@ class SubsetNormOptimizer(Optimizer):
         defaults.setdefault("weight_decay", 0.0)
         defaults.setdefault("fused", None)
         defaults.setdefault("stagger", None)
+        defaults.setdefault("stochastic_rounding", True)
         self._warned: set = set()
         self._scratch: dict = {}
         super().__init__(params, defaults)
@@ -203,6 +207,8 @@ class SubsetNormOptimizer(Optimizer):
             raise TypeError(f"Invalid seed: {group['seed']!r} (expected an int)")
         if group["stagger"] not in (None, True, False):
             raise ValueError(f"Invalid stagger: {group['stagger']!r} (allowed: None, True, False)")
+        if group["stochastic_rounding"] not in (True, False):
+            raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (allowed: True, False)")
         if group["fused"] not in (None, True, False):
             raise ValueError(f"Invalid fused: {group['fused']!r} (allowed: None for the fastest path, True, False)")
         if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
@@ -368,7 +374,10 @@ class SubsetNormOptimizer(Optimizer):
             subspace=self._subspace(p, group, rules, index),
             warn=self._warn_once,
         )
+        if group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
+            kwargs["rounding_seed"] = group["seed"] * 1_000_003 + index
         if distributed.is_dtensor(p):
+            kwargs.pop("rounding_seed", None)
             distributed.sn_step_sharded_(p, p.grad, self.state[p], **kwargs)
         elif use_fused:
             fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **kwargs)
@@ -415,10 +424,15 @@ def step_scale(lr, beta1: float, beta2: Optional[float], step, bias_correction: 
 
 
 class Workspace:
-    """Compute-dtype views of state tensors, written back to low-precision state at the end."""
+    """Compute-dtype views of state tensors, written back to low-precision state at the end.
 
-    def __init__(self, compute: torch.dtype):
+    With a ``generator``, bfloat16 state is written back with stochastic
+    rounding (:func:`snsm.rounding.stochastic_round_`), else rounded to nearest.
+    """
+
+    def __init__(self, compute: torch.dtype, generator: Optional[torch.Generator] = None):
         self.compute = compute
+        self.generator = generator
         self._writeback = []
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
@@ -430,7 +444,10 @@ class Workspace:
 
     def write_back(self) -> None:
         for target, w in self._writeback:
-            target.copy_(w)
+            if self.generator is not None and target.dtype == torch.bfloat16:
+                stochastic_round_(target, w, self.generator)
+            else:
+                target.copy_(w)
 
 
 def _refresh_projector(
@@ -534,8 +551,13 @@ def sn_step_(
     layout: Optional[SubsetLayout],
     subspace: Optional[_Subspace],
     warn: Callable[[str, str], None],
+    rounding_seed: Optional[int] = None,
 ) -> None:
     r"""One step for one parameter (the for-loop reference path).
+
+    ``rounding_seed``: write low-precision state back with stochastic rounding,
+    from a random stream fixed by this seed and the step (so a resumed run
+    draws the same bits).
 
     .. math::
 
@@ -552,7 +574,7 @@ def sn_step_(
     state["step"] += 1
     step = step_count(state["step"])
     g = grad.to(compute)
-    working = Workspace(compute)
+    working = Workspace(compute, None if rounding_seed is None else rounding_generator(rounding_seed, state["step"], g.device))
 
     if subspace is not None:
         is_tall = subspace.is_tall

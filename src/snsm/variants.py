@@ -58,10 +58,12 @@ class AdamWSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
+                                      subset_size=subset_size, state_dtype=state_dtype,
+                                      stochastic_rounding=stochastic_rounding, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         beta1, beta2 = _betas(group)
@@ -111,12 +113,14 @@ class AdamWSNSM(AdamWSN):
         stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
-                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
+                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
+                 stochastic_rounding=stochastic_rounding, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -148,10 +152,12 @@ class AdaGradSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
+                                      subset_size=subset_size, state_dtype=state_dtype,
+                                      stochastic_rounding=stochastic_rounding, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         return Rules(check_beta("momentum", group["momentum"]), 1.0, bias_correction=False, subspace=False)
@@ -187,12 +193,14 @@ class AdaGradSNSM(AdaGradSN):
         stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
-                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
+                 proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
+                 stochastic_rounding=stochastic_rounding, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -220,10 +228,12 @@ class RMSpropSN(SubsetNormOptimizer):
         *,
         subset_size: SubsetSize = "auto",
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      subset_size=subset_size, state_dtype=state_dtype, fused=fused))
+                                      subset_size=subset_size, state_dtype=state_dtype,
+                                      stochastic_rounding=stochastic_rounding, fused=fused))
 
     def rules(self, group: dict) -> Rules:
         return Rules(0.0, check_beta("alpha", group["alpha"]), bias_correction=False, subspace=False)
@@ -256,12 +266,14 @@ class SGDSM(SubsetNormOptimizer):
         stagger: Optional[bool] = None,
         seed: int = 0,
         state_dtype: Optional[str] = None,
+        stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
     ):
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, subset_size=None, rank=rank, proj=proj,
-                 proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype, fused=fused),
+                 proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
+                 stochastic_rounding=stochastic_rounding, fused=fused),
         )
 
     def rules(self, group: dict) -> Rules:
