@@ -197,12 +197,12 @@ def _fused_local(param, state, layout, shard, subspace=None) -> bool:
         fits = rows_local(layout, shard.cols)
     else:
         fits = subspace.proj in sm.DENSE_PROJECTIONS and fused.aligned(layout)
-    return (fits and p.device.type == "cpu" and p.dtype == torch.float32
-            and p.is_contiguous() and dtypes_ok and fused.cpu_kernel() is not None)
+    return (fits and p.dtype == torch.float32
+            and p.is_contiguous() and dtypes_ok and fused.kernel_for(p.device) is not None)
 
 
 def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
-    from .fused import _EMPTY, _kernel_layout, _second_moment, cpu_kernel
+    from .fused import _EMPTY, _kernel_layout, _second_moment, kernel_for
     from .optimizer import step_scale
 
     state["step"] += 1
@@ -217,7 +217,7 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
     g = g if g.is_contiguous() else g.contiguous()
     m = local(state["exp_avg"]) if beta1 > 0 else _EMPTY
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
-    cpu_kernel().sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale,
+    kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale,
                          1.0 - lr * weight_decay)
 
 
@@ -230,9 +230,9 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
     replicated ``r x n`` momentum and per-column ``D``): ``R = sum_ranks q^T G``,
     ``W -= s q ((M - R) / D)``, then the kernel with column subsets.
     """
-    from .fused import _EMPTY, _second_moment, cpu_kernel
+    from .fused import _EMPTY, _second_moment, kernel_for
 
-    k = cpu_kernel()
+    k = kernel_for(g2d.device)
     v_decay, v_gain = _second_moment(beta2)
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
     g = g2d if g2d.is_contiguous() else g2d.contiguous()

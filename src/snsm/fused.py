@@ -1,7 +1,7 @@
 r"""The fast path: the same step as :func:`snsm.optimizer.sn_step_`, fewer passes.
 
 Full momentum / no momentum: one fused kernel pass per tensor
-(:mod:`snsm._kernels`), reading ``p, g, m`` and writing ``p, m`` once; the
+(:mod:`snsm._kernels`: C++ on CPU, Triton on CUDA), reading ``p, g, m`` and writing ``p, m`` once; the
 Subset-Norm sums are taken row by row while the row is in cache.
 
 Subspace momentum never materializes the numerator when the subsets line up
@@ -26,26 +26,35 @@ from typing import Optional
 import torch
 
 from . import subspace as sm
-from ._kernels import cpu_kernel
+from ._kernels import cpu_kernel, triton_sn
 from .distributed import is_dtensor
 from .subset_norm import SubsetLayout
 
-__all__ = ["supports", "sn_step_fused_"]
+__all__ = ["supports", "kernel_for", "sn_step_fused_"]
 
 _EMPTY = torch.empty(0)
 
 
+def kernel_for(device: torch.device):
+    """The fused kernel for tensors on ``device``: the C++ module on CPU, the Triton kernels on CUDA
+    (both expose ``sn_step`` and ``sn_accumulate`` with one signature), or ``None``."""
+    if device.type == "cpu":
+        return cpu_kernel()
+    if device.type == "cuda" and triton_sn.available():
+        return triton_sn
+    return None
+
+
 def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
-    """Whether the fused kernel handles this parameter (CPU, float32 parameter, grad and state)."""
+    """Whether a fused kernel handles this parameter (float32 parameter, grad and state; CPU or CUDA)."""
     return (
         not is_dtensor(param)
-        and param.device.type == "cpu"
         and param.dtype == torch.float32
         and state_dtype == torch.float32
         and param.is_contiguous()
         and param.grad is not None
         and param.grad.dtype == torch.float32
-        and cpu_kernel() is not None
+        and kernel_for(param.device) is not None
     )
 
 
@@ -75,7 +84,7 @@ def sn_step_fused_(
     """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
     from .optimizer import _refresh_projector, step_scale
 
-    k = cpu_kernel()
+    k = kernel_for(param.device)
     state["step"] += 1
     step = int(state["step"].item())
     lr = float(lr)

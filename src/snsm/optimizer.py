@@ -357,7 +357,7 @@ class SubsetNormOptimizer(Optimizer):
         if group["fused"] and not ok:
             raise RuntimeError(
                 f"fused=True, but the fused kernel does not handle a {p.dtype} parameter on {p.device} "
-                f"with {_state_dtype(p, group)} state (it needs float32 on CPU"
+                f"with {_state_dtype(p, group)} state (it needs float32, on CPU or on CUDA with Triton installed"
                 + (f"; {kernel_error()}" if kernel_error() else "") + "); use fused=None to fall back"
             )
         return ok
