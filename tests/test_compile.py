@@ -38,7 +38,8 @@ def set_grads(m, t):
 def run_both(name, options, backend, steps=7, fullgraph=True):
     torch._dynamo.reset()  # each test counts its own compilations
     eager_model, compiled_model = model(), model()
-    eager = getattr(snsm, name)(snsm.param_groups(eager_model, **options), lr=torch.tensor(0.01), fused=False)
+    eager = getattr(snsm, name)(snsm.param_groups(eager_model, **options), lr=torch.tensor(0.01), fused=False,
+                                       foreach=False)
     compiled = getattr(snsm, name)(snsm.param_groups(compiled_model, **options), lr=torch.tensor(0.01))
     counter = CompileCounterWithBackend(backend)
     step = torch.compile(compiled.step, backend=counter, fullgraph=fullgraph)

@@ -36,7 +36,8 @@ def run(name, use_fused, subset_size="auto", proj="svd", steps=7, weight_decay=0
     sm_opts = dict(rank=3, proj=proj, proj_gap=3) if name in SM_CLASSES else {}
     if name == "SGDSM":
         subset_size = None
-    opt = getattr(snsm, name)(groups(m, subset_size, sm_opts), lr=1e-2, weight_decay=weight_decay, fused=use_fused)
+    opt = getattr(snsm, name)(groups(m, subset_size, sm_opts), lr=1e-2, weight_decay=weight_decay, fused=use_fused,
+                                       foreach=False)
     gen = torch.Generator().manual_seed(7)
     for _ in range(steps):
         for p in m.parameters():

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional
 import torch
 from torch.optim import Optimizer
 
-from . import distributed, fused
+from . import distributed, foreach, fused
 from . import subspace as sm
 from ._kernels import unavailable_reason as kernel_error
 from .rounding import rounding_generator, stochastic_round_
@@ -139,8 +139,11 @@ class SubsetNormOptimizer(Optimizer):
     ``state_dtype``, ``stochastic_rounding`` (low-precision state is written
     back with stochastic rounding, see :mod:`snsm.rounding`; ``False``: round to
     nearest), ``stagger`` (spread projector refreshes of different
-    matrices over the gap), ``fused`` (``None``: the fused CPU kernel where it applies,
-    else the reference path; ``True``: require it; ``False``: reference path). Variant options (``betas``, ``momentum``, ``alpha``) are
+    matrices over the gap), ``fused`` (``None``: the fused kernel where it applies;
+    ``True``: require it; ``False``: never), ``foreach`` (``None``/``True``: the
+    multi-tensor path, :mod:`snsm.foreach`, for what the fused kernel does not take,
+    ``True`` also instead of it; ``False``: never). ``fused=False, foreach=False``
+    is the for-loop reference path. Variant options (``betas``, ``momentum``, ``alpha``) are
     read by the variant's :meth:`rules`.
     """
 
@@ -156,6 +159,7 @@ class SubsetNormOptimizer(Optimizer):
         defaults.setdefault("eps", 1e-8)
         defaults.setdefault("weight_decay", 0.0)
         defaults.setdefault("fused", None)
+        defaults.setdefault("foreach", None)
         defaults.setdefault("stagger", None)
         defaults.setdefault("stochastic_rounding", True)
         self._warned: set = set()
@@ -211,6 +215,10 @@ class SubsetNormOptimizer(Optimizer):
             raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (allowed: True, False)")
         if group["fused"] not in (None, True, False):
             raise ValueError(f"Invalid fused: {group['fused']!r} (allowed: None for the fastest path, True, False)")
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (allowed: None for the fastest path, True, False)")
+        if group["fused"] and group["foreach"]:
+            raise ValueError("Invalid fused=True with foreach=True: pick one path (as torch.optim)")
         if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
         rules = self.rules(group)
@@ -340,15 +348,30 @@ class SubsetNormOptimizer(Optimizer):
                 self._check_state(p, group, rules)
                 if distributed.is_dtensor(p):
                     distributed.row_sharding(p)  # raises for layouts we do not handle
-                params.append((p, self._use_fused(p, group)))
+                params.append((p, self._path(p, group, rules)))
             plan.append((group, rules, params))
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         for group, rules, params in plan:
-            for p, use_fused in params:
+            batch = []
+            for p, path in params:
                 if not self.state[p]:
                     self._init_state(p, group, rules, index[p])
-                self._update(p, group, rules, use_fused, index[p])
+                if path == "foreach":
+                    batch.append(p)
+                else:
+                    self._update(p, group, rules, path == "fused", index[p])
+            if batch:
+                self._update_foreach(batch, group, rules)
         return loss
+
+    def _path(self, p: torch.Tensor, group: dict, rules: Rules) -> str:
+        """``"fused"``, ``"foreach"`` or ``"reference"`` (DTensors: their own sharded step, under either)."""
+        if group["foreach"] is not True and self._use_fused(p, group):
+            return "fused"
+        if (group["foreach"] is not False and not torch.compiler.is_compiling() and not distributed.is_dtensor(p)
+                and self._subspace(p, group, rules) is None and foreach.qualifies(p, _state_dtype(p, group))):
+            return "foreach"
+        return "reference"  # subspace momentum, low precision, compiled or foreach=fused=False
 
     def _use_fused(self, p: torch.Tensor, group: dict) -> bool:
         if group["fused"] is False or torch.compiler.is_compiling():  # compiled: inductor fuses the reference path
@@ -361,6 +384,14 @@ class SubsetNormOptimizer(Optimizer):
                 + (f"; {kernel_error()}" if kernel_error() else "") + "); use fused=None to fall back"
             )
         return ok
+
+    def _update_foreach(self, params, group: dict, rules: Rules) -> None:
+        foreach.sn_step_foreach_(
+            params, [p.grad for p in params], [self.state[p] for p in params],
+            lr=group["lr"], beta1=rules.beta1, beta2=rules.beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], bias_correction=rules.bias_correction,
+            layouts=[self._layout(p, group, rules) for p in params],
+        )
 
     def _update(self, p: torch.Tensor, group: dict, rules: Rules, use_fused: bool, index: int) -> None:
         kwargs = dict(

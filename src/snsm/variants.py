@@ -60,10 +60,11 @@ class AdamWSN(SubsetNormOptimizer):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
 
     def rules(self, group: dict) -> Rules:
         beta1, beta2 = _betas(group)
@@ -115,12 +116,13 @@ class AdamWSNSM(AdamWSN):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
                  proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -154,10 +156,11 @@ class AdaGradSN(SubsetNormOptimizer):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
 
     def rules(self, group: dict) -> Rules:
         return Rules(check_beta("momentum", group["momentum"]), 1.0, bias_correction=False, subspace=False)
@@ -195,12 +198,13 @@ class AdaGradSNSM(AdaGradSN):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
                  proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -230,10 +234,11 @@ class RMSpropSN(SubsetNormOptimizer):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
 
     def rules(self, group: dict) -> Rules:
         return Rules(0.0, check_beta("alpha", group["alpha"]), bias_correction=False, subspace=False)
@@ -268,12 +273,13 @@ class SGDSM(SubsetNormOptimizer):
         state_dtype: Optional[str] = None,
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
+        foreach: Optional[bool] = None,
     ):
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, subset_size=None, rank=rank, proj=proj,
                  proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
         )
 
     def rules(self, group: dict) -> Rules:
