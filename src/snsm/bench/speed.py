@@ -50,6 +50,17 @@ def llama_like(name: str) -> nn.Module:
     return model
 
 
+class Compiled:
+    """An optimizer whose ``step`` is ``torch.compile``'d (inductor; compiled on the first two calls)."""
+
+    def __init__(self, opt):
+        self.opt, self.state = opt, opt.state
+        self.step = torch.compile(opt.step)
+
+    def state_dict(self):
+        return self.opt.state_dict()
+
+
 def configs(rank: int, gap: int):
     """name -> factory(model). Default options unless the name says otherwise."""
     sm = dict(rank=rank, proj_gap=gap)
@@ -57,10 +68,14 @@ def configs(rank: int, gap: int):
         "AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True),
         "AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
         "AdamWSN": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2),
-        "AdamWSN reference": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False),
+        "AdamWSN foreach": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False),
+        "AdamWSN compiled": lambda m: Compiled(snsm.AdamWSN(snsm.param_groups(m), lr=torch.tensor(1e-2))),
+        "AdamWSN reference": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False, foreach=False),
         "RMSpropSN": lambda m: snsm.RMSpropSN(snsm.param_groups(m)),
         "AdamWSNSM": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=1e-2),
-        "AdamWSNSM reference": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=1e-2, fused=False),
+        "AdamWSNSM compiled": lambda m: Compiled(snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=torch.tensor(1e-2))),
+        "AdamWSNSM reference": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, **sm), lr=1e-2, fused=False,
+                                                        foreach=False),
         "AdamWSNSM synchronized": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, stagger=False, **sm), lr=1e-2),
         "AdamWSNSM svd": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="svd", **sm), lr=1e-2),
         "AdamWSNSM randomized": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="randomized", **sm), lr=1e-2),
@@ -103,7 +118,7 @@ def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int,
     for label in selected:
         models[label] = llama_like(name)
         opts[label] = factories[label](models[label])
-        time_steps(opts[label], 1)  # state creation and the first bases
+        time_steps(opts[label], 2)  # state creation and the first bases (compiled rows: both graphs)
         times[label] = []
     # interleave blocks; a subspace row runs `cycles` full proj_gap cycles in total
     total = max(gap * cycles, block)
@@ -117,15 +132,16 @@ def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int,
     rows = []
     for label, ts in times.items():
         med = statistics.median(ts)
-        subspace = isinstance(opts[label], (snsm.AdamWSNSM, snsm.AdaGradSNSM, snsm.SGDSM))
+        opt = opts[label].opt if isinstance(opts[label], Compiled) else opts[label]
+        subspace = isinstance(opt, (snsm.AdamWSNSM, snsm.AdaGradSNSM, snsm.SGDSM))
         full_cycle = subspace and "reference" not in label
         rows.append(dict(
             model=name, optimizer=label, steps=len(ts), median_ms=1e3 * med,
             vs_fused=med / base_fused, vs_foreach=med / base_foreach,
             amortized_vs_fused=(statistics.mean(ts) / statistics.mean(times["AdamW fused"])) if full_cycle else None,
             worst_over_median=(max(ts) / med) if full_cycle else None,
-            state_bytes=state_bytes(opts[label]),
-            peak_step_bytes=peak_step_bytes(models[label], opts[label]),
+            state_bytes=state_bytes(opt),
+            peak_step_bytes=peak_step_bytes(models[label], opt),
         ))
     return rows
 
