@@ -221,14 +221,14 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
                          1.0 - lr * weight_decay)
 
 
-def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, layout, shard, is_tall):
+def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, shard, is_tall):
     r"""The fused subspace step on a shard (see :mod:`snsm.fused`): no numerator is built.
 
-    Tall (rows local, ``q`` the ``n x r`` basis): ``R = G Q``,
-    ``W -= s ((M - R) / D) Q^T``, then the kernel's ``W = (W - s G / D) decay``
-    with per-row ``D``. Wide (``q`` this rank's rows of the ``m x r`` basis,
-    replicated ``r x n`` momentum and per-column ``D``): ``R = sum_ranks q^T G``,
-    ``W -= s q ((M - R) / D)``, then the kernel with column subsets.
+    The kernel's ``W = (W - s G / D) decay`` first, then the rank-r part times
+    ``decay``. Tall (rows local, ``q`` the ``n x r`` basis, per-row ``D``):
+    ``R = G Q``, ``W -= s ((M - R) / D) Q^T``. Wide (``q`` this rank's rows of
+    the ``m x r`` basis, replicated ``r x n`` momentum, per-column ``D`` from
+    all-reduced column sums): ``R = sum_ranks q^T G``, ``W -= s q ((M - R) / D)``.
     """
     from .fused import _EMPTY, _second_moment, kernel_for
 
@@ -236,29 +236,21 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
     v_decay, v_gain = _second_moment(beta2)
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
     g = g2d if g2d.is_contiguous() else g2d.contiguous()
+    kind = 0 if beta2 is None else (1 if is_tall else 2)
+    r = g @ q if is_tall else _all_reduce(q.T @ g, shard)
+    mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+    if beta2 is not None and not is_tall:  # column sums cross the shards
+        sums = _all_reduce((g * g).sum(dim=0), shard).view(v.shape)
+        v.mul_(v_decay).add_(sums, alpha=v_gain)
+    # the kernel's pass (W - s G / D) * decay, updating row-local v; then the rank-r part after it
+    k.sn_step(p2d, g, _EMPTY, v, kind, shard.cols, 0.0, v_decay, v_gain, is_tall, eps, scale, decay)
+    x = torch.sub(mom, r, out=r)
+    if beta2 is not None:
+        x.div_(v.view(-1, 1).sqrt().add_(eps) if is_tall else v.view(1, -1).sqrt().add_(eps))
     if is_tall:
-        r = g @ q
-        mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-        if beta2 is not None:
-            k.sn_accumulate(g, v, 1, shard.cols, v_decay, v_gain)
-        x = mom - r
-        if beta2 is not None:
-            x.div_(v.view(-1, 1).sqrt().add_(eps))
-        p2d.addmm_(x, q.T, alpha=-scale)
-        kind = 1
+        p2d.addmm_(x, q.T, alpha=-scale * decay)
     else:
-        r = _all_reduce(q.T @ g, shard)
-        mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-        if beta2 is not None:
-            sums = _all_reduce((g * g).sum(dim=0), shard).view(v.shape)
-            v.mul_(v_decay).add_(sums, alpha=v_gain)
-        x = mom - r
-        if beta2 is not None:
-            x.div_(v.view(1, -1).sqrt().add_(eps))
-        p2d.addmm_(q, x, alpha=-scale)
-        kind = 2
-    k.sn_step(p2d, g, _EMPTY, v, kind if beta2 is not None else 0, shard.cols, 0.0, v_decay, v_gain, False, eps,
-              scale, decay)
+        p2d.addmm_(q, x, alpha=-scale * decay)
 
 
 def sn_step_sharded_(
@@ -297,7 +289,7 @@ def sn_step_sharded_(
         if _fused_local(param, state, layout, shard, subspace):
             _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, beta1=beta1, beta2=beta2, eps=eps,
                                   scale=step_scale(lr, beta1, beta2, step, bias_correction),
-                                  decay=1.0 - float(lr) * weight_decay, layout=layout, shard=shard, is_tall=is_tall)
+                                  decay=1.0 - float(lr) * weight_decay, shard=shard, is_tall=is_tall)
             if refreshed and subspace.refresh == "reference":
                 mom.zero_()
             return

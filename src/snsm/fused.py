@@ -12,9 +12,9 @@ tall frame). With ``D`` the per-row denominator ``sqrt(v) + eps``:
 
     \frac{A + (M - R) Q^T}{D} = \frac{A}{D} + \Bigl(\frac{M - R}{D}\Bigr) Q^T
 
-so the step is one small ``(M - R) / D`` (``M x r``), one rank-r ``addmm_``
-straight into the parameter, and the kernel's pass for ``A / D`` (for a row
-selection, an ``index_add_`` of ``r`` rows instead of the ``addmm_``). Other
+so the step is the kernel's pass for ``A / D`` (which also updates ``v``),
+one small ``(M - R) / D`` (``M x r``) and one rank-r ``addmm_`` straight into
+the parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
 partitions build the numerator once in a scratch buffer and apply it with the
 kernel. State layout is identical to the reference path, so checkpoints move
 between paths.
@@ -109,22 +109,23 @@ def sn_step_fused_(
     p = state["proj"]
     r = sm.project(a, p)
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    if beta2 is not None:
-        k.sn_accumulate(g, v, kind, row_len, v_decay, v_gain)
     if beta2 is None or aligned(layout):
-        # per-row denominators of the tall frame ("auto": rows of a tall G, columns of a wide one)
-        x = mom - r
+        # the kernel's pass first: it updates v and applies (W - s A / D) * decay; then the rank-r
+        # part with per-row denominators of the tall frame ("auto": rows of a tall G, columns of a
+        # wide one), scaled by the decay it now comes after
+        k.sn_step(param, g, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, True, eps, scale, decay)
+        x = torch.sub(mom, r, out=r)
         if beta2 is not None:
             d = sm.tall(v.view(layout.state_shape), is_tall).sqrt().add_(eps)
-            x = x / (d if p.is_floating_point() else d.index_select(0, p))
+            x.div_(d if p.is_floating_point() else d.index_select(0, p))
+        alpha = -scale * decay
         if p.is_floating_point():
             if is_tall:
-                pm.addmm_(x, p.T, alpha=-scale)
+                pm.addmm_(x, p.T, alpha=alpha)
             else:
-                pm.addmm_(p, x.T, alpha=-scale)
+                pm.addmm_(p, x.T, alpha=alpha)
         else:
-            pm.index_add_(0 if is_tall else 1, p, x if is_tall else x.T, alpha=-scale)
-        k.sn_step(param, g, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, False, eps, scale, decay)
+            pm.index_add_(0 if is_tall else 1, p, x if is_tall else x.T, alpha=alpha)
     else:
         key = (tuple(param.shape), param.dtype)
         buf = scratch.get(key)
@@ -135,6 +136,8 @@ def sn_step_fused_(
             torch.addmm(a, mom - r, p.T, out=num)
         else:
             num.copy_(a).index_copy_(0, p, mom)
+        if beta2 is not None:  # the sums come from the gradient, the step from the numerator
+            k.sn_accumulate(g, v, kind, row_len, v_decay, v_gain)
         k.sn_step(param, buf, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, False, eps, scale, decay)
     if refreshed and subspace.refresh == "reference":
         mom.zero_()
