@@ -221,7 +221,7 @@ def test_lr_config_covers_every_optimizer_and_records_its_command():
     (["--data-files", "/nonexistent/corpus.txt", "--preset", "smoke"], "data path not found"),
     (["--preset", "smoke", "--steps", "5", "--eval-every", "10"], "budget too small to evaluate"),
     (["--preset", "smoke", "--steps", "0"], "must be >= 1"),
-    (["--nproc", "2"], "not implemented"),
+    (["--nproc", "2"], "needs --parallel ddp or --parallel fsdp"),
     (["--preset", "smoke", "--bogus-flag"], "unrecognized arguments"),
     (["--resume", "--out", "/nonexistent-snsm-run"], "no run to resume"),
 ])

@@ -11,6 +11,7 @@ Examples::
     python -m snsm.bench --preset paper-60m --device cuda          # GPU; streams allenai/c4
     python -m snsm.bench --preset family                # AdaGrad-Norm, AdaGO, Muon, adaptive batches
     python -m snsm.bench --optimizers adagrad-sn --batch-schedule adaptive --max-batch-size 32
+    python -m snsm.bench --preset smoke --nproc 2 --parallel fsdp   # each job as 2 torchrun processes
 
 Bad input exits with a one-line error (status 2) and no traceback.
 """
@@ -66,16 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multipliers of the configured lr to try with --sweep lr (default: 0.3,1,3)")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override one optimizer's lr")
     p.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run for data parallelism (reserved: 1)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per job, data parallel through torchrun (gloo on CPU, nccl and one GPU per "
+                        "process on CUDA); each takes an equal share of every batch, so the global batch and the "
+                        "token budget stay the preset's; needs --parallel (default 1)")
+    from .launch import PARALLEL_MODES
+    p.add_argument("--parallel", choices=PARALLEL_MODES,
+                   help="with --nproc N > 1: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard per "
+                        "transformer block and root; checkpoints through torch.distributed.checkpoint)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--workers", type=int, help="concurrent worker processes (default: CPU cores; 1 on GPU)")
+    p.add_argument("--workers", type=int,
+                   help="concurrent jobs (default: CPU cores / --nproc, at least 1; 1 on GPU); a distributed job "
+                        "counts once and runs --nproc processes, so by default distributed jobs on a machine with "
+                        "no more cores than --nproc run one at a time")
     p.add_argument("--cache-dir", help="tokenizer/token cache (default: $SNSM_BENCH_CACHE or .cache/snsm-bench)")
     g = p.add_argument_group("overrides of the preset")
     g.add_argument("--model", help="llama_9m, llama_20m, ..., llama_1b")
     g.add_argument("--steps", type=int)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--batch-size", type=int, help="sequences per optimizer step")
-    g.add_argument("--micro-batch", type=int, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--micro-batch", type=int,
+                   help="sequences per forward/backward (gradient accumulation; per process with --nproc)")
     g.add_argument("--eval-every", type=int, help="steps between evaluations")
     g.add_argument("--eval-seqs", type=int, help="validation sequences per evaluation")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
@@ -143,6 +155,41 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _check_parallel(args, preset, names, device: str, adaptive: bool) -> None:
+    """One-line errors for ``--nproc`` / ``--parallel`` combinations that cannot run."""
+    from .optimizers import REGISTRY
+    if args.nproc < 1:
+        raise BenchError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc == 1:
+        if args.parallel:
+            raise BenchError(f"--parallel {args.parallel} needs --nproc N with N >= 2")
+        return
+    if not args.parallel:
+        raise BenchError(f"--nproc {args.nproc} needs --parallel ddp or --parallel fsdp")
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise BenchError("--nproc: this torch build has no torch.distributed")
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise BenchError(f"--device {device} with --nproc {args.nproc}: use --device cuda (process k uses cuda:k)")
+        import torch
+        if torch.cuda.device_count() < args.nproc:
+            raise BenchError(f"--nproc {args.nproc} needs {args.nproc} GPUs, {torch.cuda.device_count()} visible")
+    elif not dist.is_gloo_available():
+        raise BenchError("--nproc on CPU needs the gloo backend, which this torch build lacks")
+    if preset.batch_size % args.nproc:
+        raise BenchError(f"--batch-size {preset.batch_size} is not divisible by --nproc {args.nproc} "
+                         "(every process takes an equal share of each batch)")
+    if adaptive:
+        raise BenchError("the adaptive batch size ('+adaptive' entries, --batch-schedule adaptive) runs in one "
+                         "process only; drop --nproc or those entries")
+    for n in names:
+        spec = REGISTRY[n]
+        if args.parallel not in spec.parallel:
+            raise BenchError(f"--parallel {args.parallel}: optimizer {n!r} does not run under it; "
+                             f"it supports --parallel {' / '.join(spec.parallel)}")
 
 
 def _lrs(args, names, table):
@@ -215,6 +262,8 @@ def _run_config(args, preset, names, lrs, device, batch=None):
               "sweep_factors": args.sweep_factors if args.sweep else None}
     if batch:  # only when some job is adaptive (keeps older runs resumable)
         config["adaptive_batch"] = batch
+    if args.nproc > 1:  # likewise only for distributed runs
+        config["distributed"] = {"nproc": args.nproc, "parallel": args.parallel}
     return config
 
 
@@ -245,18 +294,19 @@ def run(args) -> int:
 
     from .model import build_model, count_params
     from .optimizers import parse_optimizers
-    from .report import build_summary, format_table, write_outputs
+    from .report import build_summary, format_table, run_note, write_outputs
     from .train import atomic_torch_save, atomic_write_text, run_jobs
 
-    if args.nproc != 1:
-        raise BenchError(f"--nproc {args.nproc}: distributed runs are not implemented yet; use --nproc 1")
     if args.stop_after is not None and args.stop_after < 1:
         raise BenchError("--stop-after must be >= 1")
     preset = _resolve_preset(args)
     names = parse_optimizers(args.optimizers, preset.optimizers)
     device = _device(args.device)
     lrs = _lrs(args, names, preset.lr_table)
-    workers = args.workers or (1 if device.startswith("cuda") else _cpu_count())
+    batch = _adaptive_settings(args, preset, names)
+    _check_parallel(args, preset, names, device, batch is not None)
+    nproc = args.nproc
+    workers = args.workers or (1 if device.startswith("cuda") else max(1, _cpu_count() // nproc))
     if workers < 1:
         raise BenchError("--workers must be >= 1")
     factors = None
@@ -271,7 +321,6 @@ def run(args) -> int:
     out = Path(args.out or f"results/{preset.name}{'-sweep-lr' if args.sweep else ''}")
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir or os.environ.get("SNSM_BENCH_CACHE") or ".cache/snsm-bench")
-    batch = _adaptive_settings(args, preset, names)
     config = _run_config(args, preset, names, lrs, device, batch)
     cfg_path = out / "config.json"
     if args.resume:
@@ -301,8 +350,10 @@ def run(args) -> int:
         "device": device, "threads": 1 if workers > 1 or not device.startswith("cpu") else _cpu_count(),
         "resume": args.resume, "stop_after": args.stop_after,
     }
-    if device.startswith("cuda"):
-        base["threads"] = max(1, _cpu_count() // workers)
+    if device.startswith("cuda") or nproc > 1:
+        base["threads"] = max(1, _cpu_count() // (workers * nproc))
+    if nproc > 1:  # only then (keeps the checkpoints of one-process runs resumable)
+        base.update({"nproc": nproc, "parallel": args.parallel})
     from .optimizers import REGISTRY, learning_rate
     jobs = []
     for n in names:
@@ -318,7 +369,8 @@ def run(args) -> int:
             name = n if f is None else f"{n}@{lr:.3g}"
             jobs.append({**base, **extra, "name": name, "optimizer": n, "lr": lr,
                          "dir": str(out / ("sweep" if f is not None else "") / name)})
-    log.info("running %d job(s) on %s, %d at a time: %s", len(jobs), device, workers, ", ".join(j["name"] for j in jobs))
+    log.info("running %d job(s) on %s, %d at a time%s: %s", len(jobs), device, workers,
+             f", each as {nproc} {args.parallel} processes" if nproc > 1 else "", ", ".join(j["name"] for j in jobs))
     results = run_jobs(jobs, workers, show_progress=not args.no_progress and sys.stderr.isatty())
     stopped = [n for n, r in results.items() if r.get("status") == "stopped"]
     if stopped:
@@ -334,6 +386,8 @@ def run(args) -> int:
         "clip": preset.clip, "weight_decay": 0.0, "seed": args.seed, "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "threads_per_worker": base["threads"], "workers": workers, "torch_version": torch.__version__,
+        "nproc": nproc, "parallel": args.parallel if nproc > 1 else None,
+        "backend": ("nccl" if device.startswith("cuda") else "gloo") if nproc > 1 else None,
         "data": facts["data"], "train_tokens_available": facts["train_tokens_available"],
         "command": "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -345,7 +399,8 @@ def run(args) -> int:
         return _sweep_report(out, meta, ordered, names, factors)
     summary = build_summary(meta, ordered)
     write_outputs(out, summary)
-    print(f"\n{format_table(summary)}\n\nwrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'loss.png'}")
+    table = "\n\n".join(part for part in (run_note(summary), format_table(summary)) if part)
+    print(f"\n{table}\n\nwrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'loss.png'}")
     return 0
 
 

@@ -13,6 +13,10 @@ Definitions (per optimizer):
 * ``tokens_per_s`` and ``step_time_ratio_vs_adamw`` from CPU time per step
   (wall time, synchronized, on CUDA), excluding the first two steps; for an
   adaptive-batch entry, per ``batch_size * seq_len`` tokens (equal work).
+* distributed runs (``--nproc N --parallel ddp|fsdp``; ``nproc``, ``parallel``
+  and ``backend`` at the top level): step time is rank 0's wall time,
+  ``peak_bytes`` rank 0's, ``state_bytes`` what one rank holds (under FSDP
+  its shards plus the replicated tensors), and there is no MemTracker peak;
 * adaptive-batch entries (``batch_schedule: "adaptive"``) also carry
   ``steps`` (optimizer steps taken), ``batch_history`` (change points
   ``[step, tokens before it, batch size]``), ``final_batch_size``,
@@ -88,6 +92,18 @@ def _tokens(t):
     return f"{t / 1e6:.2f}M" if t >= 1e6 else (f"{t / 1e3:.0f}k" if t >= 1e3 else f"{t}")
 
 
+def run_note(summary: dict[str, Any]) -> str:
+    """One line saying how a distributed run was run ("" for a one-process run)."""
+    n = summary.get("nproc") or 1
+    if n < 2:
+        return ""
+    how = {"ddp": "DistributedDataParallel",
+           "fsdp": "FSDP2: fully_shard per transformer block and root"}.get(summary.get("parallel"), "?")
+    return (f"{n}-process {summary.get('parallel')} run ({how}, {summary.get('backend')}): each process trains on "
+            f"{summary['batch_size'] // n} of the {summary['batch_size']} sequences of every batch; step time is "
+            f"rank 0's wall time, memory and optimizer state what rank 0 holds.")
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The results table in Markdown."""
     head = ("| optimizer | lr | final val loss | val ppl | tokens to AdamW's final | state MiB | state vs AdamW "
@@ -142,6 +158,7 @@ def format_results_md(summary: dict[str, Any]) -> str:
         f"Seed {s['seed']}, device {s['device']}, torch {s['torch_version']}, subspace rank {s['rank']}, "
         f"projector refresh every {s['proj_gap']} steps.",
         "",
+        *([run_note(s), ""] if run_note(s) else []),
         f"Command: `{s['command']}`",
         "",
         format_table(s),
@@ -149,7 +166,8 @@ def format_results_md(summary: dict[str, Any]) -> str:
         "Tokens to AdamW's final: first evaluated token count with validation loss <= AdamW's final "
         f"({_num(s.get('adamw_final_val_loss'), '.4f')}). State: optimizer-state tensors. Peak: "
         "growth of the worker's max RSS (GPU: max allocated) and MemTracker's live-tensor peak. "
-        "Step time: CPU time per step, one thread per worker.",
+        + ("Step time: rank 0's wall time per step, communication included."
+           if (s.get("nproc") or 1) > 1 else "Step time: CPU time per step, one thread per worker."),
         "",
         *([format_adaptive(s)] if format_adaptive(s) else []),
         "![validation loss](loss.png)",
@@ -186,7 +204,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylim(lo - 0.1 * max(hi - lo, 0.2), hi + 1.5 * max(hi - lo, 0.5))
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"{summary['model']} ({summary['n_params'] / 1e6:.1f}M params), preset {summary['preset']}")
+    n = summary.get("nproc") or 1
+    ax.set_title(f"{summary['model']} ({summary['n_params'] / 1e6:.1f}M params), preset {summary['preset']}"
+                 + (f", {n}-process {summary.get('parallel')}" if n > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

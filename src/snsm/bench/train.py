@@ -45,9 +45,15 @@ points ``[step, tokens before the step, batch size]``) in its result. Its
 "step time vs AdamW" column compares equal work); ``opt_step_time_s`` is per
 optimizer step.
 
-Distributed training (``--nproc``) is reserved: the step function takes
-a micro-batched global batch, and :class:`~snsm.bench.data.Batches` already
-slices by rank, so a DDP/FSDP2 wrapper slots in around :func:`train_step`.
+Distributed jobs (``--nproc N --parallel ddp|fsdp``, see :mod:`snsm.bench.launch`):
+the job's worker runs the job as N torchrun processes; :func:`_train` then
+takes a :class:`~snsm.bench.launch.Group`, wraps the model, reads its rank's
+share of every batch, averages the training loss and sums the evaluation over
+the ranks, and writes the checkpoint and results from rank 0. Its step time is
+rank 0's wall time (communication included), its memory rank 0's (RSS growth,
+or CUDA max allocated; no MemTracker), and ``state_bytes`` / ``param_bytes``
+count the tensors one rank holds (FSDP: its shards). The adaptive batch size
+is one-process only.
 """
 from __future__ import annotations
 
@@ -167,20 +173,33 @@ def train_step(model, opt, block, micro_batch: int | None, clip: float, device, 
     return total
 
 
-def evaluate(model, blocks, batch: int, device, autocast_dtype=None) -> float:
-    """Mean next-token loss over the validation blocks."""
+def evaluate(model, blocks, batch: int, device, autocast_dtype=None, group=None) -> float:
+    """Mean next-token loss over the validation blocks.
+
+    With a :class:`~snsm.bench.launch.Group` each rank evaluates its share of the blocks, in the
+    same number of forward passes on every rank (FSDP needs every rank in every forward: a rank
+    whose share has run out runs a zero-weight one), and the sums are all-reduced."""
     import torch
     from .model import lm_loss
 
+    share, world = blocks, 1
+    if group is not None:
+        share, world = blocks.tensor_split(group.world)[group.rank], group.world
+    largest_share = -(-blocks.size(0) // world)
+    rounds = -(-largest_share // batch)  # forward passes per rank, the same on every rank
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, blocks.size(0), batch):
-            x = blocks[i:i + batch].to(device)
+        for i in range(0, rounds * batch, batch):
+            x = share[i:i + batch]
+            weight = x.size(0)
+            x = (x if weight else blocks[:1]).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                total += float(lm_loss(model, x)) * x.size(0)
-            count += x.size(0)
+                total += float(lm_loss(model, x)) * weight
+            count += weight
     model.train()
+    if group is not None:
+        total, count = group.sum([total, count])
     return total / count
 
 
@@ -221,7 +240,13 @@ class _Progress:
                 pass
 
 
-def _train(job: dict, progress: _Progress) -> dict:
+def _local_bytes(tensors) -> int:
+    """Bytes of the tensors this process holds (a DTensor's local shard)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def _train(job: dict, progress: _Progress, group=None) -> dict:
+    """Train one job (on one rank of a distributed job if ``group`` is given); returns its result."""
     import torch
 
     from .model import build_model, count_params, model_size
@@ -229,14 +254,18 @@ def _train(job: dict, progress: _Progress) -> dict:
     from .optimizers import REGISTRY, BuildContext, export_state, import_state, state_bytes
 
     torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
+    device = group.device if group is not None else torch.device(job["device"])
     cuda = device.type == "cuda"
+    rank0 = group is None or group.rank == 0
+    sharded = group is not None and group.sharded
+    wall_time = cuda or group is not None  # distributed: rank 0's wall time, communication included
     amp = torch.bfloat16 if cuda else None
     jobdir = Path(job["dir"])
     steps, seq, bsz = job["steps"], job["seq_len"], job["batch_size"]
     tokens_per_step = seq * bsz
 
-    batches = Batches(_load_tokens(job["train_tokens"]), seq, bsz, job["seed"])
+    batches = Batches(_load_tokens(job["train_tokens"]), seq, bsz, job["seed"],
+                      *((group.rank, group.world) if group is not None else ()))
     val = val_blocks(_load_tokens(job["val_tokens"]), seq, job["eval_seqs"])
     _import_everything(job["optimizer"])
     import gc
@@ -250,10 +279,12 @@ def _train(job: dict, progress: _Progress) -> dict:
     model = build_model(job["model"], job["vocab_size"], seq, job["seed"])
     model.load_state_dict(torch.load(job["init_path"], weights_only=True))
     model.to(device)
+    # ``model`` trains (DDP's wrapper); ``inner`` is what the optimizer, evaluation and checkpoints see
+    model, inner = group.wrap(model) if group is not None else (model, model)
     size = model_size(job["model"])
     ctx = BuildContext(rank=job["rank"], proj_gap=job["proj_gap"], hidden=size.hidden, heads=size.heads,
                        seed=job["seed"], aux_lr=job.get("aux_lr"))
-    opt = REGISTRY[job["optimizer"]].build(model, job["lr"], ctx)
+    opt = REGISTRY[job["optimizer"]].build(inner, job["lr"], ctx)
     run = {"step": 0, "curve": [], "train_loss": [], "step_time": 0.0, "step_wall": 0.0, "timed_steps": 0,
            "peak_tensor_bytes": None, "peak_rss_delta_bytes": 0, "peak_cuda_bytes": None, "diverged": False}
     factor = cosine_with_warmup(steps, job["warmup_frac"], job["min_lr_ratio"])
@@ -281,8 +312,12 @@ def _train(job: dict, progress: _Progress) -> dict:
         if ck["job"] != _identity(job):
             from . import BenchError
             raise BenchError(f"{ckpt_path} was written by a different configuration; use a new --out")
-        model.load_state_dict(ck["model"])
-        import_state(opt, ck["optimizer"])
+        if "dcp" in ck:
+            from .launch import load_sharded
+            load_sharded(inner, opt, jobdir / ck["dcp"])
+        else:
+            inner.load_state_dict(ck["model"])
+            import_state(opt, ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"]["torch"])
         if cuda and ck["rng"].get("cuda") is not None:
@@ -294,15 +329,28 @@ def _train(job: dict, progress: _Progress) -> dict:
         log.info("resumed %s at step %d", job["name"], run["step"])
 
     def save_checkpoint() -> None:
+        if sharded:  # every rank writes its shards; checkpoint.pt names the directory once it is complete
+            from .launch import save_sharded
+            states = {"dcp": f"dcp-step{run['step']}"}
+            save_sharded(inner, opt, jobdir / states["dcp"])
+        elif rank0:
+            states = {"model": inner.state_dict(), "optimizer": export_state(opt)}
+        if not rank0:
+            return
         atomic_torch_save({
-            "job": _identity(job), "model": model.state_dict(), "optimizer": export_state(opt),
+            "job": _identity(job), **states,
             "scheduler": sched.state_dict(), "data": {"step": run["step"], "seed": job["seed"]},
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None},
             "run": run, **({"batch": ctl.state_dict()} if ctl is not None else {}),
         }, ckpt_path)
+        if sharded:
+            import shutil
+            for old in jobdir.glob("dcp-step*"):
+                if old.name != states["dcp"]:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def eval_now() -> None:
-        loss = evaluate(model, val, job["eval_batch"], device, amp)
+        loss = evaluate(inner, val, job["eval_batch"], device, amp, group)
         run["curve"].append([tokens_now(), loss])
         progress.send("eval", run["step"], loss)
 
@@ -324,7 +372,7 @@ def _train(job: dict, progress: _Progress) -> dict:
         else:
             block = batches.batch(step)
         tracker = None
-        if step < 2 and not cuda:
+        if step < 2 and not cuda and group is None:
             from torch.distributed._tools.mem_tracker import MemTracker
             tracker = MemTracker()
             tracker.track_external(model, opt)
@@ -339,6 +387,8 @@ def _train(job: dict, progress: _Progress) -> dict:
             run["peak_tensor_bytes"] = max(run["peak_tensor_bytes"] or 0, peak or 0) or None
         else:
             loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp, observe)
+        if group is not None:
+            loss = group.mean(loss)  # the global batch's loss, the same on every rank
         if cuda:
             torch.cuda.synchronize(device)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
@@ -351,7 +401,7 @@ def _train(job: dict, progress: _Progress) -> dict:
         sched.step()
         run["step"] = step + 1
         if step >= 2:  # the first two steps run under MemTracker (CPU) or warm up kernels (GPU)
-            run["step_time"] += wall if cuda else cpu
+            run["step_time"] += wall if wall_time else cpu
             run["step_wall"] += wall
             run["timed_steps"] += 1
             if adaptive:
@@ -362,7 +412,7 @@ def _train(job: dict, progress: _Progress) -> dict:
             log.warning("%s: non-finite training loss at step %d; stopping", job["name"], step + 1)
             break
         ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-        per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else (wall if cuda else cpu)
+        per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else (wall if wall_time else cpu)
         tps = tokens_per_step / max(per_step, 1e-9)
         if adaptive:
             tps = run["timed_tokens"] / max(run["step_time"], 1e-9) if run["timed_steps"] else 0.0
@@ -378,11 +428,13 @@ def _train(job: dict, progress: _Progress) -> dict:
     log.info("%s: ru_maxrss at the end: %.1f MiB", job["name"], rss_bytes() / 2**20)
     if not run["diverged"] and (not run["curve"] or run["curve"][-1][0] != tokens_now()):
         eval_now()
-    params = count_params(model)
+    params = count_params(inner)
     final = run["curve"][-1][1] if run["curve"] and not run["diverged"] else None
     per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else None
     per_wall = run["step_wall"] / run["timed_steps"] if run["timed_steps"] else None
     extra = {"batch_schedule": "adaptive" if adaptive else "fixed"}
+    if group is not None:
+        extra.update({"nproc": group.world, "parallel": group.parallel, "backend": group.backend})
     if adaptive:
         extra.update({
             "opt_step_time_s": per_step, "micro_batch": job["micro_batch"], "max_batch_size": job["max_batch_size"],
@@ -397,12 +449,13 @@ def _train(job: dict, progress: _Progress) -> dict:
         "name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "done",
         "final_val_loss": final, "final_val_ppl": math.exp(final) if final is not None else None,
         "diverged": run["diverged"], "steps": run["step"], "tokens": tokens_now(),
-        "state_bytes": state_bytes(opt), "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "state_bytes": state_bytes(opt), "param_bytes": _local_bytes(inner.parameters()),
         "n_params": params["total"],
         "peak_tensor_bytes": run["peak_tensor_bytes"], "peak_rss_delta_bytes": run["peak_rss_delta_bytes"],
         "peak_cuda_bytes": run["peak_cuda_bytes"],
         "step_time_s": per_step, "step_wall_s": per_wall,
-        "step_time_kind": "wall (cuda synchronized)" if cuda else "process CPU time",
+        "step_time_kind": ("wall, rank 0" if group is not None else "wall") + (" (cuda synchronized)" if cuda else "")
+        if wall_time else "process CPU time",
         "tokens_per_s": tokens_per_step / per_step if per_step else None,
         "final_train_loss": run["train_loss"][-1] if run["train_loss"] else None,
         "curve": run["curve"], **extra,
@@ -413,7 +466,7 @@ _IDENTITY_KEYS = ("optimizer", "lr", "model", "vocab_size", "seq_len", "batch_si
                   "eval_every", "eval_seqs", "warmup_frac", "min_lr_ratio", "clip", "rank", "proj_gap", "seed")
 
 
-_OPTIONAL_IDENTITY_KEYS = ("aux_lr", "batch_schedule", "max_batch_size", "batch_eta")  # only when set
+_OPTIONAL_IDENTITY_KEYS = ("aux_lr", "batch_schedule", "max_batch_size", "batch_eta", "nproc", "parallel")  # when set
 
 
 def _identity(job: dict) -> dict:
@@ -422,38 +475,62 @@ def _identity(job: dict) -> dict:
     return ident
 
 
-def worker_main(job: dict, q=None) -> None:
-    """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early)."""
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+def log_to_file(job: dict, name: str) -> None:
+    """Send this process' logging (and library warnings) to ``<job dir>/<name>``."""
     jobdir = Path(job["dir"])
     jobdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(jobdir / "worker.log", mode="a" if job.get("resume") else "w")
+    handler = logging.FileHandler(jobdir / name, mode="a" if job.get("resume") else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    logging.captureWarnings(True)  # library warnings go to worker.log, not through the progress bars
-    progress = _Progress(q, job["name"])
+    logging.captureWarnings(True)  # library warnings go to the log, not through the progress bars
+
+
+def run_job(job: dict, progress: _Progress, group=None) -> str:
+    """Train one job and (on rank 0) write ``result.json`` and ``curve.csv`` unless it stopped
+    early; a failure becomes a ``failed`` result. Returns the status."""
     from .optimizers import PeerUnavailable
+    jobdir = Path(job["dir"])
     try:
-        result = _train(job, progress)
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
-        return
+        result = _train(job, progress, group)
     except PeerUnavailable as e:
         result = {"name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "skipped",
                   "skipped": True, "reason": str(e)}
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         logging.getLogger(__name__).error("%s failed:\n%s", job["name"], traceback.format_exc())
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, stack)}
+        if isinstance(failures, dict) and failures:
+            e = next(iter(failures.values()))[0]
         first = str(e).splitlines()[0] if str(e) else ""
         result = {"name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "failed",
                   "skipped": True, "reason": f"failed: {type(e).__name__}: {first} (see {jobdir / 'worker.log'})"}
-    if result["status"] != "stopped":
+    if result["status"] != "stopped" and (group is None or group.rank == 0):
         atomic_write_text(jobdir / "result.json", json.dumps(result, indent=1))
         if result.get("curve"):
             atomic_write_text(jobdir / "curve.csv",
                               "tokens,val_loss\n" + "".join(f"{t},{v:.6f}\n" for t, v in result["curve"]))
-    progress.send("done", result["status"])
+    return result["status"]
+
+
+def worker_main(job: dict, q=None) -> None:
+    """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early);
+    a distributed job (``nproc`` > 1) runs under torchrun (:func:`snsm.bench.launch.run_distributed`)."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    progress = _Progress(q, job["name"])
+    try:
+        if job.get("nproc", 1) > 1:
+            from .launch import run_distributed
+            status = run_distributed(job, progress)
+        else:
+            log_to_file(job, "worker.log")
+            status = run_job(job, progress)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        return
+    progress.send("done", status)
 
 
 def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:

@@ -1,0 +1,229 @@
+"""Distributed benchmark jobs: ``python -m snsm.bench --nproc N --parallel ddp|fsdp``.
+
+Each job (one optimizer at one learning rate) still gets its own worker
+process from :func:`snsm.bench.train.run_jobs`; with ``--nproc N`` that worker
+writes the job to ``<job dir>/job.json`` and runs
+``python -m torch.distributed.run --standalone --nproc_per_node=N -m snsm.bench.launch <job.json>``
+(gloo on CPU, nccl with one GPU per process on CUDA). Every rank builds the
+same model from ``init_model.pt`` and wraps it:
+
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel``; the optimizer sees
+  plain, replicated parameters;
+* ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every transformer
+  block and then on the root (embedding, final norm, output head); the
+  optimizer steps row-sharded DTensors.
+
+Each rank trains on its ``batch_size / N`` sequences of every global batch
+(:class:`~snsm.bench.textdata.Batches` slices by rank), so the global batch,
+the token budget and the gradients are those of the one-process run. Every
+rank evaluates its share of the validation sequences (with FSDP every rank
+must run every forward pass, so a rank whose share has run out runs a
+zero-weight one) and the sums are all-reduced: the same mean loss as one
+process. Rank 0 reports progress (JSON lines on stdout, relayed to the
+progress bar by the worker), logs to ``worker.log`` (other ranks to
+``worker-rank<k>.log``; torchrun's own output goes to ``torchrun.log``) and
+writes ``result.json``, ``curve.csv`` and the checkpoint: ``checkpoint.pt`` in
+the one-process format under DDP (rank 0's replica), and under FSDP a
+``torch.distributed.checkpoint`` directory ``dcp-step<k>`` (model and
+optimizer from ``get_state_dict``, each rank writing its shards) that
+``checkpoint.pt`` names, written only after the directory is complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("ddp", "fsdp")
+PROGRESS_PREFIX = "@snsm-bench-progress "
+
+
+def torchrun_command(nproc: int, job_file: Path) -> list[str]:
+    """The ``torch.distributed.run`` command line that runs one job as ``nproc`` processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "snsm.bench.launch", str(job_file)]
+
+
+def run_distributed(job: dict, progress) -> str:
+    """Run ``job`` under torchrun from its worker process, relaying rank 0's progress messages.
+
+    Rank 0 writes ``result.json``; if torchrun fails without one (a rank crashed or hung and was
+    killed), this writes a ``failed`` result pointing at the logs. Returns the job's status."""
+    from .train import atomic_write_text
+
+    jobdir = Path(job["dir"])
+    jobdir.mkdir(parents=True, exist_ok=True)
+    job_file = jobdir / "job.json"
+    atomic_write_text(job_file, json.dumps(job, indent=1))
+    rpath = jobdir / "result.json"
+    rpath.unlink(missing_ok=True)  # a stale (failed) result of an earlier run must not stand for this one
+    logfile = jobdir / "torchrun.log"
+    # SIGTERM (the scheduler giving up) must take torchrun and its ranks down with this process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with open(logfile, "a" if job.get("resume") else "w") as err:
+        proc = subprocess.Popen(torchrun_command(job["nproc"], job_file), stdout=subprocess.PIPE, stderr=err,
+                                text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    progress.send(*json.loads(line[len(PROGRESS_PREFIX):]))
+                else:
+                    err.write(line)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    if rpath.exists():
+        return json.loads(rpath.read_text())["status"]
+    if code == 0 and job.get("stop_after"):
+        return "stopped"
+    result = {"name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "failed",
+              "skipped": True, "reason": f"failed: torchrun exited with code {code} (see {logfile} and "
+                                         f"{jobdir / 'worker*.log'})"}
+    atomic_write_text(rpath, json.dumps(result, indent=1))
+    return "failed"
+
+
+class Group:
+    """This process' place in a distributed job: rank, world size, device, the wrapping, and the
+    few collectives the benchmark needs (initialises the default process group)."""
+
+    def __init__(self, parallel: str, device: str):
+        import torch
+        import torch.distributed as dist
+
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"unknown parallel mode {parallel!r}")
+        self.parallel = parallel
+        if device.startswith("cuda"):
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+            self.backend = "nccl"
+            dist.init_process_group(self.backend, device_id=self.device)
+        else:
+            self.device = torch.device("cpu")
+            self.backend = "gloo"
+            dist.init_process_group(self.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp"
+
+    def wrap(self, model):
+        """``(wrapped, inner)``: the module to train through and the one the optimizer and the
+        checkpoints see (DDP: its ``.module``; FSDP2: the same, sharded in place)."""
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids), model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, model
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (float64)."""
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean(self, value: float) -> float:
+        """Mean of ``value`` over the ranks."""
+        return self.sum([value])[0] / self.world
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save_sharded(model, opt, path: Path) -> None:
+    """Every rank writes its shards of the model and optimizer state to the DCP directory ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def load_sharded(model, opt, path: Path) -> None:
+    """Inverse of :func:`save_sharded` (a fresh optimizer gets its state created first, by DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class StdoutProgress:
+    """Rank 0's progress messages, as JSON lines on stdout for :func:`run_distributed` to relay."""
+
+    def send(self, *msg) -> None:
+        try:
+            print(PROGRESS_PREFIX + json.dumps(msg), flush=True)
+        except Exception:  # a progress message must never stop training
+            pass
+
+
+def _exit_with_parent() -> None:
+    """End this rank if torchrun dies (killed with SIGKILL it cannot take its ranks along: torchrun
+    starts each in its own session, so a signal to the benchmark's process group misses them)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="snsm-bench-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of one rank under torchrun: ``python -m snsm.bench.launch JOB_JSON``."""
+    from .train import WORKER_ENV, _Progress, log_to_file, run_job
+
+    argv = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(argv[0]).read_text())
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    _exit_with_parent()
+    group = Group(job["parallel"], job["device"])
+    log_to_file(job, "worker.log" if group.rank == 0 else f"worker-rank{group.rank}.log")
+    progress = StdoutProgress() if group.rank == 0 else _Progress(None, job["name"])
+    code = 1
+    try:
+        status = run_job(job, progress, group)
+        code = 1 if status == "failed" else 0  # a failed rank exits non-zero: torchrun then stops the rest
+        if code == 0:
+            group.close()
+    except KeyboardInterrupt:
+        code = 130
+    logging.shutdown()
+    sys.stdout.flush()
+    # skip interpreter teardown, where gloo's threads have been seen to abort
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
