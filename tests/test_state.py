@@ -69,6 +69,26 @@ def test_state_holds_only_tensors(name, proj):
             assert v is None or isinstance(v, (int, float, str, bool, list, tuple)), (k, type(v))
 
 
+def test_a_checkpoint_from_before_newer_options_loads_with_their_defaults():
+    model = small_model()
+    opt = build("AdamWSNSM", model, "svd")
+    feed(model, 0)
+    opt.step()
+    sd = reload(opt.state_dict())
+    for group in sd["param_groups"]:  # written before these options existed
+        del group["foreach"], group["stochastic_rounding"]
+    resumed_model = small_model()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = build("AdamWSNSM", resumed_model, "svd")
+    resumed.load_state_dict(sd)
+    assert all(g["foreach"] is None and g["stochastic_rounding"] is True for g in resumed.param_groups)
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        feed(m, 1)
+        o.step()
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_loaded_state_keeps_dtypes():
     """torch casts loaded state to the parameter dtype; we must not (bf16 params, int64 indices)."""
     torch.manual_seed(0)

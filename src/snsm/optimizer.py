@@ -422,8 +422,12 @@ class SubsetNormOptimizer(Optimizer):
         torch casts floating state to the parameter's dtype, which would turn
         float32 state of a bf16 parameter into bf16 and int64 projector
         indices into floats; here only the device follows the parameter.
+        Group options a checkpoint predates (e.g. ``foreach``) take their defaults.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # options added since the checkpoint was written take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
