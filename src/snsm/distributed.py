@@ -33,6 +33,7 @@ Checkpoint saves each rank's rows and reshards on load. Scalars (``step``,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -42,7 +43,8 @@ import torch.distributed as dist
 from . import subspace as sm
 from .subset_norm import SubsetLayout
 
-__all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_"]
+__all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_",
+           "sharded_step", "run_overlapped"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -81,10 +83,15 @@ def row_sharding(p) -> RowShard:
             f"snsm supports DTensor parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)); "
             f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
         )
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
-    rows = p.shape[0] if p.ndim else 1
-    cols = p.numel() // rows if rows else 0
-    return RowShard(p.device_mesh, rows, cols, offset[0] if p.ndim else 0, shape[0] if p.ndim else 1)
+    return _row_sharding(tuple(p.shape), placements, p.device_mesh)
+
+
+@functools.lru_cache(maxsize=4096)  # a step asks for every parameter's; the offsets cost more than the math
+def _row_sharding(shape: tuple, placements: tuple, mesh) -> RowShard:
+    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, placements)
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape) // rows if rows else 0
+    return RowShard(mesh, rows, cols, offset[0] if shape else 0, local_shape[0] if shape else 1)
 
 
 def local(t):
@@ -185,23 +192,31 @@ def _sharded_projector(proj, grad_dt, g_local, shard, rank, is_tall, gen):
 def _fused_local(param, state, layout, shard, subspace=None) -> bool:
     """Whether the fused CPU kernel applies to this shard.
 
-    Without a subspace: subsets must be row-local (no collective needed). With
-    a dense subspace basis: one step size per row of the tall frame ("auto",
-    or no second moment), as in :mod:`snsm.fused`.
+    Without a subspace: subsets row-local (no collective needed) or one per
+    column (an all-reduce of the column sums). With a dense subspace basis: one
+    step size per row of the tall frame ("auto", or no second moment), as in
+    :mod:`snsm.fused`.
     """
     from . import fused
 
     p = param.to_local()
     dtypes_ok = all(local(t).dtype == torch.float32 for k, t in state.items() if k in ("exp_avg", "exp_avg_sq"))
     if subspace is None:
-        fits = rows_local(layout, shard.cols)
+        fits = rows_local(layout, shard.cols) or _columns(layout, shard)
     else:
         fits = subspace.proj in sm.DENSE_PROJECTIONS and fused.aligned(layout)
     return (fits and p.dtype == torch.float32
             and p.is_contiguous() and dtypes_ok and fused.kernel_for(p.device) is not None)
 
 
+def _columns(layout: Optional[SubsetLayout], shard: RowShard) -> bool:
+    """One subset per column of the matrix view (a wide matrix under "auto")."""
+    return layout is not None and not layout.coordinate_wise and layout.dim == 0 and layout.view[1] == shard.cols
+
+
 def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
+    """The kernel's one pass on this rank's rows (a generator: per-column sums are all-reduced
+    asynchronously, yielding meanwhile)."""
     from .fused import _EMPTY, _kernel_layout, _second_moment, kernel_for
     from .optimizer import step_scale
 
@@ -217,8 +232,16 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
     g = g if g.is_contiguous() else g.contiguous()
     m = local(state["exp_avg"]) if beta1 > 0 else _EMPTY
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
-    kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale,
-                         1.0 - lr * weight_decay)
+    update_v = True
+    if beta2 is not None and kind == 2:  # column sums cross the shards
+        sums = (g.view(shard.count, shard.cols) ** 2).sum(dim=0)
+        work = dist.all_reduce(sums, group=shard.group, async_op=True)
+        yield
+        work.wait()
+        v.mul_(v_decay).add_(sums.view(v.shape), alpha=v_gain)
+        update_v = False
+    kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, update_v, eps,
+                                 scale, 1.0 - lr * weight_decay)
 
 
 def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, shard, is_tall):
@@ -237,11 +260,20 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
     g = g2d if g2d.is_contiguous() else g2d.contiguous()
     kind = 0 if beta2 is None else (1 if is_tall else 2)
-    r = g @ q if is_tall else _all_reduce(q.T @ g, shard)
+    if is_tall:
+        r = g @ q
+    else:  # R = Q^T G and the column sums both cross the shards: one all-reduce of (r + 1) x n
+        both = g.new_empty(q.shape[1] + (beta2 is not None), g.shape[1])
+        torch.mm(q.T, g, out=both[: q.shape[1]])
+        if beta2 is not None:
+            torch.sum(g * g, dim=0, out=both[-1])
+        work = dist.all_reduce(both, group=shard.group, async_op=True)
+        yield  # other parameters' steps run while the sums travel
+        work.wait()
+        r = both[: q.shape[1]]
+        if beta2 is not None:
+            v.mul_(v_decay).add_(both[-1].view(v.shape), alpha=v_gain)
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    if beta2 is not None and not is_tall:  # column sums cross the shards
-        sums = _all_reduce((g * g).sum(dim=0), shard).view(v.shape)
-        v.mul_(v_decay).add_(sums, alpha=v_gain)
     # the kernel's pass (W - s G / D) * decay, updating row-local v; then the rank-r part after it
     k.sn_step(p2d, g, _EMPTY, v, kind, shard.cols, 0.0, v_decay, v_gain, is_tall, eps, scale, decay)
     x = torch.sub(mom, r, out=r)
@@ -253,16 +285,37 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
         p2d.addmm_(q, x, alpha=-scale * decay)
 
 
-def sn_step_sharded_(
-    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
-) -> None:
+def sn_step_sharded_(param, grad, state, **options) -> None:
     """:func:`snsm.optimizer.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
+    for _ in sharded_step(param, grad, state, **options):
+        pass
+
+
+def run_overlapped(steps) -> None:
+    """Run :func:`sharded_step` generators so their all-reduces overlap: every step up to its
+    collective (launched asynchronously, in the same order on every rank), then each to the end."""
+    steps = list(steps)
+    for s in steps:
+        next(s, None)
+    for s in steps:
+        for _ in s:
+            pass
+
+
+def sharded_step(
+    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
+):
+    """:func:`sn_step_sharded_` as a generator: it yields once its per-step all-reduce is in flight
+    (wide matrices under the fused subspace step), so the caller can work on other parameters
+    meanwhile (:func:`run_overlapped`); other steps run to completion on the first ``next``."""
     from .optimizer import Workspace, _refresh_projector, apply_update_, step_scale
 
     shard = row_sharding(param)
     if subspace is None and _fused_local(param, state, layout, shard):
-        return _fused_local_step(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                 weight_decay=weight_decay, bias_correction=bias_correction, layout=layout, shard=shard)
+        yield from _fused_local_step(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                     weight_decay=weight_decay, bias_correction=bias_correction, layout=layout,
+                                     shard=shard)
+        return
     p2d = param.to_local().view(shard.count, shard.cols)
     compute = torch.float32 if p2d.dtype in (torch.bfloat16, torch.float16) else p2d.dtype
     g2d = grad.to_local().to(compute).reshape(shard.count, shard.cols)
@@ -287,7 +340,7 @@ def sn_step_sharded_(
         p = proj_local
         rows = slice(shard.start, shard.start + shard.count)
         if _fused_local(param, state, layout, shard, subspace):
-            _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, beta1=beta1, beta2=beta2, eps=eps,
+            yield from _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, beta1=beta1, beta2=beta2, eps=eps,
                                   scale=step_scale(lr, beta1, beta2, step, bias_correction),
                                   decay=1.0 - float(lr) * weight_decay, shard=shard, is_tall=is_tall)
             if refreshed and subspace.refresh == "reference":

@@ -351,17 +351,22 @@ class SubsetNormOptimizer(Optimizer):
                 params.append((p, self._path(p, group, rules)))
             plan.append((group, rules, params))
         index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        sharded = []  # DTensor steps, run so that their all-reduces overlap with other work
         for group, rules, params in plan:
             batch = []
             for p, path in params:
                 if not self.state[p]:
                     self._init_state(p, group, rules, index[p])
-                if path == "foreach":
+                if distributed.is_dtensor(p):
+                    options = self._step_options(p, group, rules, index[p])
+                    sharded.append(distributed.sharded_step(p, p.grad, self.state[p], **options))
+                elif path == "foreach":
                     batch.append(p)
                 else:
                     self._update(p, group, rules, path == "fused", index[p])
             if batch:
                 self._update_foreach(batch, group, rules)
+        distributed.run_overlapped(sharded)
         return loss
 
     def _path(self, p: torch.Tensor, group: dict, rules: Rules) -> str:
@@ -393,8 +398,9 @@ class SubsetNormOptimizer(Optimizer):
             layouts=[self._layout(p, group, rules) for p in params],
         )
 
-    def _update(self, p: torch.Tensor, group: dict, rules: Rules, use_fused: bool, index: int) -> None:
-        kwargs = dict(
+    def _step_options(self, p: torch.Tensor, group: dict, rules: Rules, index: int) -> dict:
+        """The keyword arguments of the functional step for one parameter."""
+        return dict(
             lr=group["lr"],
             beta1=rules.beta1,
             beta2=rules.beta2,
@@ -405,12 +411,12 @@ class SubsetNormOptimizer(Optimizer):
             subspace=self._subspace(p, group, rules, index),
             warn=self._warn_once,
         )
+
+    def _update(self, p: torch.Tensor, group: dict, rules: Rules, use_fused: bool, index: int) -> None:
+        kwargs = self._step_options(p, group, rules, index)
         if group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
             kwargs["rounding_seed"] = group["seed"] * 1_000_003 + index
-        if distributed.is_dtensor(p):
-            kwargs.pop("rounding_seed", None)
-            distributed.sn_step_sharded_(p, p.grad, self.state[p], **kwargs)
-        elif use_fused:
+        if use_fused:
             fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **kwargs)
         else:
             sn_step_(p, p.grad, self.state[p], **kwargs)
