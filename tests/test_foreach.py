@@ -68,14 +68,14 @@ def test_foreach_hands_subspace_and_low_precision_to_the_reference_path():
     assert_same(run("AdamWSN", FOREACH, state_dtype="bfloat16"), run("AdamWSN", REFERENCE, state_dtype="bfloat16"))
 
 
-def test_foreach_is_the_default_when_the_kernel_is_off(monkeypatch):
+def test_foreach_runs_the_group_in_one_call_when_asked(monkeypatch):
     calls = []
     real = snsm.foreach.sn_step_foreach_
     monkeypatch.setattr(snsm.foreach, "sn_step_foreach_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
-    run("AdamWSN", dict(fused=False), steps=1)
+    run("AdamWSN", FOREACH, steps=1)
     assert calls == [8]  # every parameter of the group in one call
     calls.clear()
-    run("AdamWSN", REFERENCE, steps=1)
+    run("AdamWSN", dict(fused=False), steps=1)  # foreach=None: on a CPU, as torch.optim, the loop
     assert calls == []
 
 

@@ -140,9 +140,10 @@ class SubsetNormOptimizer(Optimizer):
     back with stochastic rounding, see :mod:`snsm.rounding`; ``False``: round to
     nearest), ``stagger`` (spread projector refreshes of different
     matrices over the gap), ``fused`` (``None``: the fused kernel where it applies;
-    ``True``: require it; ``False``: never), ``foreach`` (``None``/``True``: the
-    multi-tensor path, :mod:`snsm.foreach`, for what the fused kernel does not take,
-    ``True`` also instead of it; ``False``: never). ``fused=False, foreach=False``
+    ``True``: require it; ``False``: never), ``foreach`` (``None``: the multi-tensor
+    path, :mod:`snsm.foreach`, for non-CPU tensors the fused kernel does not take,
+    as torch.optim; ``True``: for every tensor it takes, instead of the kernel;
+    ``False``: never). ``fused=False, foreach=False``
     is the for-loop reference path. Variant options (``betas``, ``momentum``, ``alpha``) are
     read by the variant's :meth:`rules`.
     """
@@ -373,7 +374,9 @@ class SubsetNormOptimizer(Optimizer):
         """``"fused"``, ``"foreach"`` or ``"reference"`` (DTensors: their own sharded step, under either)."""
         if group["foreach"] is not True and self._use_fused(p, group):
             return "fused"
-        if (group["foreach"] is not False and not torch.compiler.is_compiling() and not distributed.is_dtensor(p)
+        # foreach=None: the multi-tensor path off CPU only, as torch.optim (on a CPU it is no faster than the loop)
+        wanted = group["foreach"] or (group["foreach"] is None and p.device.type != "cpu")
+        if (wanted and not torch.compiler.is_compiling() and not distributed.is_dtensor(p)
                 and self._subspace(p, group, rules) is None and foreach.qualifies(p, _state_dtype(p, group))):
             return "foreach"
         return "reference"  # subspace momentum, low precision, compiled or foreach=fused=False

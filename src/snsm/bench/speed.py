@@ -68,7 +68,7 @@ def configs(rank: int, gap: int):
         "AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True),
         "AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
         "AdamWSN": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2),
-        "AdamWSN foreach": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False),
+        "AdamWSN foreach": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, foreach=True),
         "AdamWSN compiled": lambda m: Compiled(snsm.AdamWSN(snsm.param_groups(m), lr=torch.tensor(1e-2))),
         "AdamWSN reference": lambda m: snsm.AdamWSN(snsm.param_groups(m), lr=1e-2, fused=False, foreach=False),
         "RMSpropSN": lambda m: snsm.RMSpropSN(snsm.param_groups(m)),
