@@ -165,6 +165,7 @@ class SubsetNormOptimizer(Optimizer):
         defaults.setdefault("stochastic_rounding", True)
         self._warned: set = set()
         self._scratch: dict = {}
+        self._plans: dict = {}  # param -> (key, (path, options)), see _planned
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- variant hook
@@ -333,9 +334,11 @@ class SubsetNormOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         plan = []
         for group in self.param_groups:
             rules = self._validate_group(group)
+            group_key = _group_key(group)
             params = []
             for p in group["params"]:
                 if p.grad is None:
@@ -346,32 +349,53 @@ class SubsetNormOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support complex gradients")
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
-                self._check_state(p, group, rules)
-                if distributed.is_dtensor(p):
-                    distributed.row_sharding(p)  # raises for layouts we do not handle
-                params.append((p, self._path(p, group, rules)))
+                params.append((p, *self._planned(p, group, rules, group_key, index[p])))
             plan.append((group, rules, params))
-        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         sharded = []  # DTensor steps, run so that their all-reduces overlap with other work
         for group, rules, params in plan:
             batch = []
-            for p, path in params:
+            for p, path, options in params:
                 if not self.state[p]:
                     self._init_state(p, group, rules, index[p])
-                if distributed.is_dtensor(p):
-                    options = self._step_options(p, group, rules, index[p])
+                options = dict(options, lr=group["lr"])
+                if path == "sharded":
                     sharded.append(distributed.sharded_step(p, p.grad, self.state[p], **options))
                 elif path == "foreach":
                     batch.append(p)
+                elif path == "fused":
+                    fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **options)
                 else:
-                    self._update(p, group, rules, path == "fused", index[p])
+                    sn_step_(p, p.grad, self.state[p], **options)
             if batch:
                 self._update_foreach(batch, group, rules)
         distributed.run_overlapped(sharded)
         return loss
 
+    def _planned(self, p: torch.Tensor, group: dict, rules: Rules, group_key: tuple, index: int):
+        """``(path, step options but lr)`` for ``p``, checked and computed again only when something
+        that decides them changes (the group's options, the parameter's place, shape, dtype, device or
+        layout, the gradient's dtype or layout, whether state exists); cleared by ``load_state_dict``."""
+        key = (group_key, index, p.shape, p.dtype, p.device, p.is_contiguous(), p.grad.dtype, p.grad.is_contiguous(),
+               bool(self.state.get(p)))
+        hit = self._plans.get(p)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        self._check_state(p, group, rules)
+        if distributed.is_dtensor(p):
+            distributed.row_sharding(p)  # raises for layouts we do not handle
+            path = "sharded"
+        else:
+            path = self._path(p, group, rules)
+        options = self._step_options(p, group, rules, index)
+        del options["lr"]  # read at every step (schedulers change it)
+        if path != "sharded" and group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
+            options["rounding_seed"] = group["seed"] * 1_000_003 + index
+        if not torch.compiler.is_compiling():
+            self._plans[p] = (key, (path, options))
+        return path, options
+
     def _path(self, p: torch.Tensor, group: dict, rules: Rules) -> str:
-        """``"fused"``, ``"foreach"`` or ``"reference"`` (DTensors: their own sharded step, under either)."""
+        """``"fused"``, ``"foreach"`` or ``"reference"``."""
         if group["foreach"] is not True and self._use_fused(p, group):
             return "fused"
         # foreach=None: the multi-tensor path off CPU only, as torch.optim (on a CPU it is no faster than the loop)
@@ -415,15 +439,6 @@ class SubsetNormOptimizer(Optimizer):
             warn=self._warn_once,
         )
 
-    def _update(self, p: torch.Tensor, group: dict, rules: Rules, use_fused: bool, index: int) -> None:
-        kwargs = self._step_options(p, group, rules, index)
-        if group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
-            kwargs["rounding_seed"] = group["seed"] * 1_000_003 + index
-        if use_fused:
-            fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **kwargs)
-        else:
-            sn_step_(p, p.grad, self.state[p], **kwargs)
-
     # ---------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but state keeps its saved dtypes.
@@ -434,6 +449,7 @@ class SubsetNormOptimizer(Optimizer):
         Group options a checkpoint predates (e.g. ``foreach``) take their defaults.
         """
         super().load_state_dict(state_dict)
+        self._plans.clear()
         for group in self.param_groups:  # options added since the checkpoint was written take their defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -446,6 +462,20 @@ class SubsetNormOptimizer(Optimizer):
                     k: (v.to(device=p.device) if torch.is_tensor(v) and k not in ("step", "proj_step", "seed") else v)
                     for k, v in saved[i].items()
                 }
+
+
+def _group_key(group: dict) -> tuple:
+    """A group's options but its parameters and lr, hashable (what a cached plan depends on)."""
+    items = []
+    for key, value in group.items():
+        if key in ("params", "lr"):
+            continue
+        try:
+            hash(value)
+        except TypeError:
+            value = repr(value)
+        items.append((key, value))
+    return tuple(items)
 
 
 # -------------------------------------------------------------------- functional form
