@@ -36,6 +36,8 @@ def configs():
             for refresh in ("transport", "reset"):
                 out.append((name, dict(rank=2, proj_gap=3, proj=proj, refresh=refresh)))
     out.append(("AdamWSNSM", dict(rank=2, proj_gap=3, subset_size=16)))
+    out.append(("AdaGO", {}))  # orthogonalized matrices (an all-gather of the update), AdamW for the rest
+    out.append(("AdaGO", dict(nesterov=True, adaptive=False)))
     return out
 
 

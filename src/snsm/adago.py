@@ -83,6 +83,7 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from .optimizer import STATE_DTYPES, check_beta, sn_step_
 from .subset_norm import subset_layout
 
@@ -318,8 +319,12 @@ class AdaGO(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         state["step"] = torch.tensor(0.0)
+        sharded = distributed.is_dtensor(p)
         for key, (shape, dtype) in self._state_spec(p, group).items():
-            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            if sharded and shape:  # parameter-shaped: sharded by rows like it (FSDP2)
+                state[key] = distributed.state_tensor(p, shape, dtype, sharded_rows=True)
+            else:  # the scalar v_sq: identical on every rank
+                state[key] = torch.zeros(shape, dtype=dtype, device=distributed.local(p).device)
         if "v_sq" in state:
             state["v_sq"].fill_(float(group["v0"]) ** 2)
 
@@ -374,9 +379,10 @@ class AdaGO(Optimizer):
 
     def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
         beta1, beta2 = group["adamw_betas"]
-        sn_step_(p, p.grad, self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
-                 weight_decay=group["weight_decay"], bias_correction=True, layout=subset_layout(p.shape, None),
-                 subspace=None, warn=self._warn_once)
+        step = distributed.sn_step_sharded_ if distributed.is_dtensor(p) else sn_step_
+        step(p, p.grad, self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
+             weight_decay=group["weight_decay"], bias_correction=True, layout=subset_layout(p.shape, None),
+             subspace=None, warn=self._warn_once)
 
     def step_size(self, group: dict, grad: torch.Tensor, state: dict):
         r"""``alpha_t`` for one matrix; updates the accumulator ``v_sq`` in place.
@@ -390,26 +396,41 @@ class AdaGO(Optimizer):
         if not group["adaptive"]:
             return lr
         v_sq = state["v_sq"]
-        clipped = grad.float().square().sum().clamp(max=float(group["gamma"]) ** 2)
+        sq = grad.float().square().sum()
+        if distributed.is_dtensor(sq):  # a sharded gradient: its ranks' partial sums, all-reduced
+            sq = sq.full_tensor()
+        clipped = sq.clamp(max=float(group["gamma"]) ** 2)
         v_sq.add_(clipped)
         alpha = clipped.sqrt().div(v_sq.sqrt()).mul(lr.to(v_sq.device) if torch.is_tensor(lr) else lr)
         return alpha.clamp(min=float(group["eps"]))
 
     def _orthogonal_step(self, p: torch.Tensor, group: dict) -> None:
+        """One step for one matrix. A row-sharded (FSDP2) matrix keeps its momentum sharded and
+        all-gathers only the update it orthogonalizes (Newton-Schulz needs the whole matrix); every
+        rank computes the same orthogonal matrix and applies its own rows."""
         state = self.state[p]
         state["step"] += 1
+        sharded = distributed.is_dtensor(p)
         compute = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-        g = p.grad.to(compute)
-        buf = state["exp_avg"]
+        g = distributed.local(p.grad).to(compute)
+        buf = distributed.local(state["exp_avg"])
         work = buf if buf.dtype == compute else buf.to(compute)
         mu = float(group["momentum"])
         work.lerp_(g, 1.0 - mu)
         update = g.lerp(work, mu) if group["nesterov"] else work
         m = p.shape[0]
         n = p.numel() // m if m else 0
+        if sharded:
+            shard = distributed.row_sharding(p)
+            rows = slice(shard.start, shard.start + shard.count)
+            update = distributed.gather_rows(update.reshape(shard.count, n), shard)
         ortho = newton_schulz(update.reshape(m, n), group["ns_steps"], group["ns_coefficients"],
-                              NS_DTYPES[group["ns_dtype"]]).reshape(p.shape)
-        alpha = self.step_size(group, g, state)
+                              NS_DTYPES[group["ns_dtype"]])
+        if sharded:
+            ortho = ortho[rows]
+        ortho = ortho.reshape(g.shape)
+        alpha = self.step_size(group, p.grad if sharded else g, state)
+        p = distributed.local(p)
         lr = group["lr"]
         wd = float(group["weight_decay"])
         if wd != 0.0:

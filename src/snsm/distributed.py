@@ -44,7 +44,7 @@ from . import subspace as sm
 from .subset_norm import SubsetLayout
 
 __all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_",
-           "sharded_step", "run_overlapped"]
+           "sharded_step", "run_overlapped", "gather_rows"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -111,6 +111,14 @@ def state_tensor(p, shape, dtype, sharded_rows: bool):
                                   stride=stride)
     data = torch.zeros(shape, dtype=dtype, device=p.to_local().device)
     return DTensor.from_local(data, p.device_mesh, [Replicate()], run_check=False)
+
+
+def gather_rows(local_rows: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """The full matrix from every rank's rows (uneven shards included): one all-gather."""
+    whole = DTensor.from_local(local_rows, shard.mesh, [Shard(0)], run_check=False,
+                               shape=torch.Size([shard.rows, local_rows.shape[1]]),
+                               stride=(local_rows.shape[1], 1))
+    return whole.full_tensor()
 
 
 def rows_local(layout: Optional[SubsetLayout], cols: int) -> bool:

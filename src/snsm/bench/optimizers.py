@@ -42,11 +42,12 @@ MLP weights, scale 0.25, as in the GaLore paper) and ``adam-mini``
 skipped with the reason.
 
 Distributed runs (``--parallel``): every entry runs under ``ddp``. Under
-``fsdp`` the optimizers step FSDP2's row-sharded DTensors: ours, AdamW,
-Muon and Adam-mini do (Muon's Newton-Schulz lets DTensor gather each matrix;
-checked against DDP); ``adafactor`` and ``adago`` fail on DTensors, and
-``galore`` trains but does not resume exactly from a sharded checkpoint, so
-those three are refused up front (``OptimizerSpec.parallel``).
+``fsdp`` the optimizers step FSDP2's row-sharded DTensors: ours (AdaGO
+all-gathers each matrix's update for Newton-Schulz), AdamW, Muon and
+Adam-mini do (Muon's Newton-Schulz lets DTensor gather each matrix; checked
+against DDP); ``adafactor`` fails on DTensors, and ``galore`` trains but does
+not resume exactly from a sharded checkpoint, so those two are refused up
+front (``OptimizerSpec.parallel``).
 """
 from __future__ import annotations
 
@@ -323,7 +324,7 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("adagrad-norm", "snsm.AdaGradNorm, momentum 0.9", _adagrad_norm, aux_lr_from="adagrad-sn"),
     OptimizerSpec("adagrad-sn", "snsm.AdaGradSN, momentum 0.9", _adagrad_sn),
     # snsm.AdaGO mixes plain tensors and DTensors in its update under FSDP2 (fails on the first step)
-    OptimizerSpec("adago", "snsm.AdaGO (AdamW on the rest)", _adago, aux_lr_from="adamw", parallel=("ddp",)),
+    OptimizerSpec("adago", "snsm.AdaGO (AdamW on the rest)", _adago, aux_lr_from="adamw"),
     OptimizerSpec("muon", "torch.optim.Muon + torch.optim.AdamW on the rest", _muon, aux_lr_from="adamw"),
     OptimizerSpec("adagrad-norm+adaptive", "snsm.AdaGradNorm, adaptive batch size", _adagrad_norm,
                   aux_lr_from="adagrad-sn", batch_schedule="adaptive"),
