@@ -10,7 +10,8 @@ Subset-Norm, coordinate-wise / per row  none (state sharded like the parameter)
 Subset-Norm, per column (wide "auto")   all-reduce of ``n`` column sums
 Subset-Norm, flat subsets (int size)    all-reduce of ``K ~ sqrt(d)`` subset sums
 SM, dense basis, tall matrix            none (``G Q`` and the momentum are row-local)
-SM, dense basis, wide matrix            all-reduce of ``R = Q^T G`` (``r x n``)
+SM, dense basis, wide matrix            all-reduce of ``R = Q^T G`` (``r x n``), with the
+                                        column sums in the same message, asynchronous
 SM, row selection, tall matrix          all-reduce of the ``r`` selected rows
 SM, row selection, wide matrix          none (selected columns are row-local)
 =====================================  ===========================================
