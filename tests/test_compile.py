@@ -82,3 +82,17 @@ def test_random_projectors_compile_with_graph_breaks_at_the_refresh():
     # their refresh seeds a host RNG from the state's seed: correct, but not one graph
     *models, counter = run_both("AdamWSNSM", dict(SM, proj="randomized"), "aot_eager", fullgraph=False)
     assert_same(*models)
+
+
+def test_compiling_after_eager_steps_leaves_the_fused_kernel():
+    eager_model, compiled_model = model(), model()
+    eager = snsm.AdamWSNSM(snsm.param_groups(eager_model, **SM), lr=torch.tensor(0.01), fused=False, foreach=False)
+    mixed = snsm.AdamWSNSM(snsm.param_groups(compiled_model, **SM), lr=torch.tensor(0.01))
+    torch._dynamo.reset()
+    step = torch.compile(mixed.step, backend="aot_eager", fullgraph=True)
+    for t in range(6):
+        set_grads(eager_model, t)
+        set_grads(compiled_model, t)
+        eager.step()
+        (mixed.step if t < 2 else step)()  # two eager (fused) steps, then compiled ones
+    assert_same(eager_model, compiled_model, eager, mixed)

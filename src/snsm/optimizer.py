@@ -375,8 +375,9 @@ class SubsetNormOptimizer(Optimizer):
         """``(path, step options but lr)`` for ``p``, checked and computed again only when something
         that decides them changes (the group's options, the parameter's place, shape, dtype, device or
         layout, the gradient's dtype or layout, whether state exists); cleared by ``load_state_dict``."""
+        compiling = torch.compiler.is_compiling()  # traced: never the fused kernel, never a cache entry
         key = (group_key, index, p.shape, p.dtype, p.device, p.is_contiguous(), p.grad.dtype, p.grad.is_contiguous(),
-               bool(self.state.get(p)))
+               bool(self.state.get(p)), compiling)
         hit = self._plans.get(p)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -390,7 +391,7 @@ class SubsetNormOptimizer(Optimizer):
         del options["lr"]  # read at every step (schedulers change it)
         if path != "sharded" and group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
             options["rounding_seed"] = group["seed"] * 1_000_003 + index
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._plans[p] = (key, (path, options))
         return path, options
 
