@@ -15,9 +15,9 @@ import argparse
 import statistics
 
 import torch
-from torch import nn
 
 import snsm
+import tasks
 
 OPTIMIZERS = {
     "AdamWSN": lambda m, **kw: snsm.AdamWSN(snsm.param_groups(m), lr=3e-3, weight_decay=0, **kw),
@@ -33,24 +33,14 @@ STATES = {
 
 
 def run(name, state, seed, steps):
-    torch.manual_seed(1234)
-    teacher = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 32))
-    torch.manual_seed(seed)
-    student = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 32))
-    start = [p.detach().clone() for p in student.parameters()]
-    opt = OPTIMIZERS[name](student, **STATES[state])
-    gen = torch.Generator().manual_seed(seed + 99)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(128, 64, generator=gen)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = nn.functional.mse_loss(student(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return statistics.mean(losses[-20:]), start, [p.detach().clone() for p in student.parameters()]
+    starts = []
+
+    def make(student):
+        starts.extend(p.detach().clone() for p in student.parameters())
+        return OPTIMIZERS[name](student, **STATES[state])
+
+    losses, student = tasks.teacher_student(make, seed, steps)
+    return statistics.mean(losses[-20:]), starts, [p.detach().clone() for p in student.parameters()]
 
 
 def flat(ts):

@@ -19,28 +19,15 @@ import torch
 from torch import nn
 
 import snsm
+import tasks
 
 
 def teacher_student(seed, steps, policy, gap, rank):
-    torch.manual_seed(1234)
-    teacher = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 32))
-    torch.manual_seed(seed)
-    student = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 32))
-    opt = snsm.AdamWSNSM(snsm.param_groups(student, rank=rank, proj_gap=gap, refresh=policy), lr=1e-2, weight_decay=0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 30))
-    gen = torch.Generator().manual_seed(seed + 99)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(128, 64, generator=gen)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = nn.functional.mse_loss(student(x), y)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    def make(student):
+        return snsm.AdamWSNSM(snsm.param_groups(student, rank=rank, proj_gap=gap, refresh=policy), lr=1e-2,
+                              weight_decay=0)
+
+    losses, _ = tasks.teacher_student(make, seed, steps, warmup=30, clip=1.0)
     return statistics.mean(losses[-20:])
 
 
