@@ -34,7 +34,6 @@ Checkpoint saves each rank's rows and reshards on load. Scalars (``step``,
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -84,15 +83,20 @@ def row_sharding(p) -> RowShard:
             f"snsm supports DTensor parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)); "
             f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
         )
-    return _row_sharding(tuple(p.shape), placements, p.device_mesh)
+    mesh = p.device_mesh
+    # a step asks for every parameter's offsets, which cost more than the math: cached by plain
+    # values (holding no mesh, so no process group outlives destroy_process_group)
+    key = (tuple(p.shape), placements, mesh.size(), tuple(mesh.get_coordinate() or ()))
+    found = _OFFSETS.get(key)
+    if found is None:
+        local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+        found = _OFFSETS[key] = (offset[0] if p.ndim else 0, local_shape[0] if p.ndim else 1)
+    rows = p.shape[0] if p.ndim else 1
+    cols = p.numel() // rows if rows else 0
+    return RowShard(mesh, rows, cols, *found)
 
 
-@functools.lru_cache(maxsize=4096)  # a step asks for every parameter's; the offsets cost more than the math
-def _row_sharding(shape: tuple, placements: tuple, mesh) -> RowShard:
-    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, placements)
-    rows = shape[0] if shape else 1
-    cols = math.prod(shape) // rows if rows else 0
-    return RowShard(mesh, rows, cols, offset[0] if shape else 0, local_shape[0] if shape else 1)
+_OFFSETS: dict = {}
 
 
 def local(t):
