@@ -361,13 +361,13 @@ class SubsetNormOptimizer(Optimizer):
                 if path == "sharded":
                     sharded.append(distributed.sharded_step(p, p.grad, self.state[p], **options))
                 elif path == "foreach":
-                    batch.append(p)
+                    batch.append((p, options))
                 elif path == "fused":
                     fused.sn_step_fused_(p, p.grad, self.state[p], scratch=self._scratch, **options)
                 else:
                     sn_step_(p, p.grad, self.state[p], **options)
             if batch:
-                self._update_foreach(batch, group, rules)
+                self._update_foreach(batch, rules)
         distributed.run_overlapped(sharded)
         return loss
 
@@ -418,12 +418,15 @@ class SubsetNormOptimizer(Optimizer):
             )
         return ok
 
-    def _update_foreach(self, params, group: dict, rules: Rules) -> None:
+    def _update_foreach(self, batch, rules: Rules) -> None:
+        """One multi-tensor step for ``batch``: ``(param, step options)`` pairs of one group."""
+        params = [p for p, _ in batch]
+        options = batch[0][1]
         foreach.sn_step_foreach_(
             params, [p.grad for p in params], [self.state[p] for p in params],
-            lr=group["lr"], beta1=rules.beta1, beta2=rules.beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], bias_correction=rules.bias_correction,
-            layouts=[self._layout(p, group, rules) for p in params],
+            lr=options["lr"], beta1=rules.beta1, beta2=rules.beta2, eps=options["eps"],
+            weight_decay=options["weight_decay"], bias_correction=rules.bias_correction,
+            layouts=[o["layout"] for _, o in batch],
         )
 
     def _step_options(self, p: torch.Tensor, group: dict, rules: Rules, index: int) -> dict:
@@ -657,9 +660,9 @@ def sn_step_(
         a = sm.tall(gm, is_tall)
         mom = sm.tall(working(state["exp_avg"]), is_tall)
         if isinstance(step, torch.Tensor) and subspace.proj in _TRACEABLE_PROJECTIONS:
-            refreshed = _refresh_projector_traced(state, gm, mom, subspace, state["step"])
+            refreshed = _refresh_projector_traced(state, gm, mom, subspace, step)
         else:
-            refreshed = _refresh_projector(state, gm, mom, subspace, step_count(state["step"]), warn)
+            refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
         p = state["proj"]
         r = sm.project(a, p)
         mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
