@@ -24,8 +24,6 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
-
 __all__ = ["available", "sn_step", "sn_accumulate"]
 
 BLOCK = 1024

@@ -208,7 +208,7 @@ def _import_everything(optimizer: str) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
 
-    from .optimizers import REGISTRY, PeerUnavailable, _quiet
+    from .optimizers import REGISTRY, _quiet
     package = REGISTRY[optimizer].package
     try:
         with _quiet():
