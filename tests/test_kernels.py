@@ -136,3 +136,52 @@ def test_synchronized_refresh_when_asked_and_for_the_reference_policy():
     for opts in (dict(stagger=False), dict(refresh="reference")):
         opt = snsm.AdamWSNSM(m.parameters(), rank=2, proj_gap=10, **opts)
         assert all(steps == [1, 10, 20, 30] for steps in refresh_steps(opt, m, 30))
+
+
+class _Spy:
+    """The kernel module with its calls counted."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args)
+        return counted
+
+
+@pytest.mark.skipif(cpu_kernel() is None or not cpu_kernel().sm_step_available(), reason="no BLAS for sm_step")
+@pytest.mark.parametrize("name", SM_CLASSES)
+@pytest.mark.parametrize("refresh", ["transport", "reference"])
+def test_one_pass_subspace_step_matches_reference_across_blocks(name, refresh, monkeypatch):
+    """sm_step works block by block of the tall frame's rows: a tall matrix of 700 rows and a wide one
+    of 600 columns span two blocks (one of them partial); it takes the whole step and matches the
+    reference path, refreshes included."""
+    spy = _Spy(cpu_kernel())
+    monkeypatch.setattr(fused, "kernel_for", lambda device: spy)
+
+    def run_big(use_fused):
+        torch.manual_seed(0)
+        m = nn.ModuleDict(dict(tall=nn.Linear(40, 700, bias=False), wide=nn.Linear(600, 30, bias=False)))
+        opt = getattr(snsm, name)(m.parameters(), lr=1e-2, rank=5, proj_gap=3, refresh=refresh, weight_decay=0.1,
+                                  fused=use_fused, foreach=False)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(7):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return m, opt
+
+    mf, of = run_big(True)
+    assert spy.calls.get("sm_step") == 14  # both matrices, every step
+    mr, orf = run_big(False)
+    for (key, a), b in zip(mf.named_parameters(), mr.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    for p, q in zip(mf.parameters(), mr.parameters()):
+        for k, t in of.state[p].items():
+            assert torch.allclose(t.float(), orf.state[q][k].float(), rtol=1e-4, atol=1e-6), k

@@ -12,9 +12,15 @@ tall frame). With ``D`` the per-row denominator ``sqrt(v) + eps``:
 
     \frac{A + (M - R) Q^T}{D} = \frac{A}{D} + \Bigl(\frac{M - R}{D}\Bigr) Q^T
 
-so the step is the kernel's pass for ``A / D`` (which also updates ``v``),
-one small ``(M - R) / D`` (``M x r``) and one rank-r ``addmm_`` straight into
-the parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
+and every row of the tall frame is independent of the others. On CPU, with a
+dense basis, the kernel's ``sm_step`` therefore takes the whole step block by
+block of rows: ``R = A Q`` for the block, ``v``, ``M``, ``X = (M - R) / D``,
+``W <- (W - s A / D) decay`` and the rank-r ``W -= s decay X Q^T``, while the
+block is in cache (``G`` and ``W`` read once, ``W`` written once; the two small
+GEMMs call the BLAS torch ships). Elsewhere (CUDA, a row selection) it is the
+kernel's pass for ``A / D`` (which also updates ``v``), one small
+``(M - R) / D`` (``M x r``) and one rank-r ``addmm_`` straight into the
+parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
 partitions build the numerator once in a scratch buffer and apply it with the
 kernel. State layout is identical to the reference path, so checkpoints move
 between paths.
@@ -72,6 +78,20 @@ def aligned(layout: Optional[SubsetLayout]) -> bool:
     return layout is None or (not layout.coordinate_wise and layout.target == 0)
 
 
+def _one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:
+    """Whether the kernel's one-pass ``sm_step`` takes this subspace step: a dense basis, subsets that
+    are the rows of the tall frame (or no second moment), contiguous state and a BLAS to call."""
+    return (
+        getattr(k, "sm_step_available", None) is not None
+        and k.sm_step_available()
+        and proj.is_floating_point()
+        and (beta2 is None or aligned(layout))
+        and exp_avg.is_contiguous()
+        and proj.is_contiguous()
+        and v.is_contiguous()
+    )
+
+
 def _second_moment(beta2):
     if beta2 is None:
         return 1.0, 0.0
@@ -107,6 +127,12 @@ def sn_step_fused_(
     mom = sm.tall(state["exp_avg"], is_tall)
     refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
     p = state["proj"]
+    if _one_pass(k, p, state["exp_avg"], v, beta2, layout):
+        # the whole step in one blocked pass: the kernel's sm_step (see its comment in sn_cpu.cpp)
+        k.sm_step(pm, gm, state["exp_avg"], p, v, beta1, v_decay, v_gain, eps, scale, decay)
+        if refreshed and subspace.refresh == "reference":
+            mom.zero_()
+        return
     r = sm.project(a, p)
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
     if beta2 is None or aligned(layout):

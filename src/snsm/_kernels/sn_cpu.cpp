@@ -9,10 +9,21 @@
 // Layouts: 0 coordinate-wise (v shaped like p), 1 rows (subsets are contiguous
 // runs of `row_len` elements), 2 columns (p viewed as rows x row_len, one subset
 // per column).
+//
+// sm_step: the whole Subspace-Momentum step of one dense-basis matrix in one
+// pass, block by block of the tall frame's rows (see its comment below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
+
+// The BLAS that torch's CPU build exports (MKL or OpenBLAS, Fortran interface). Weak:
+// where a build has none, sm_step is reported unavailable and the caller takes the
+// unfused path.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 // built with -O3 -fno-math-errno (lets sqrt vectorize; results unchanged) -fopenmp -march=native
 
 namespace {
@@ -35,6 +46,14 @@ void check(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
               name, " must be a contiguous float32 CPU tensor");
   if (numel >= 0) TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, expected ", numel);
+}
+
+// Column-major C <- alpha op(A) op(B) + beta C (the BLAS convention; a row-major
+// matrix is its column-major transpose).
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int m_ = m, n_ = n, k_ = k, lda_ = lda, ldb_ = ldb, ldc_ = ldc;
+  sgemm_(&ta, &tb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
 }
 
 }  // namespace
@@ -202,8 +221,131 @@ void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, 
   });
 }
 
+// The Subspace-Momentum step of one matrix with a dense basis and one Subset-Norm
+// subset per row of the tall frame (subset_size "auto"; or no second moment), in one
+// pass. With A the tall frame of the gradient (M x N: G if G is tall, G^T if wide),
+// Q the basis (N x r), Mo the momentum (M x r, stored transposed for a wide G):
+//
+//   R = A Q;  Mo <- b1 Mo + (1 - b1) R;  v_i <- v_decay v_i + v_gain |A_i|^2
+//   X = (Mo - R) / D,  D_i = sqrt(v_i) + eps   (D = 1 without v)
+//   W <- (W - step A / D) decay - step decay X Q^T
+//
+// Every row of the tall frame is independent, so the work goes block by block of
+// rows (of G when tall, columns of G when wide): the block's two small GEMMs and
+// the elementwise update run while it is in cache, and G, W are read once and W is
+// written once (the unfused path reads G twice and W twice). Threads take blocks;
+// the BLAS inside a block runs single-threaded (called from a parallel region).
+bool sm_step_available() { return sgemm_ != nullptr; }
+
+void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, double beta1, double v_decay,
+             double v_gain, double eps, double step, double decay) {
+  TORCH_CHECK(sm_step_available(), "sm_step: no BLAS in this torch build");
+  TORCH_CHECK(p.dim() == 2, "param must be a matrix view");
+  const int64_t m = p.size(0), n = p.size(1);
+  const bool tall = m >= n;
+  const int64_t rows = tall ? m : n, cols = tall ? n : m;  // the tall frame, rows x cols
+  check(p, "param", -1);
+  check(g, "grad", m * n);
+  check(q, "proj", -1);
+  check(mom, "exp_avg", -1);
+  const int64_t r = q.size(1);
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == cols, "proj must be ", cols, " x r");
+  TORCH_CHECK(mom.numel() == rows * r, "exp_avg must hold ", rows, " x ", r, " values");
+  const bool has_v = v.defined() && v.numel() > 0;
+  if (has_v) {
+    check(v, "exp_avg_sq", -1);
+    TORCH_CHECK(v.numel() == rows, "exp_avg_sq must hold one value per row of the tall frame");
+  }
+  float* P = p.data_ptr<float>();
+  const float* G = g.data_ptr<float>();
+  float* Mo = mom.data_ptr<float>();
+  const float* Q = q.data_ptr<float>();
+  float* V = has_v ? v.data_ptr<float>() : nullptr;
+  const float b1 = beta1, c1 = 1.0 - beta1, vd = v_decay, vg = v_gain, e = eps, st = step, dc = decay;
+  const float alpha = -step * decay;
+  // ~128 KiB of gradient per block: a block's G and W stay in L2 through both GEMMs
+  const int64_t block = std::clamp<int64_t>((int64_t{1} << 15) / std::max<int64_t>(cols, 1), 16, 512);
+  const int64_t blocks = (rows + block - 1) / block;
+
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> R(block * r), D(block);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t i0 = b * block, B = std::min(rows, i0 + block) - i0;
+      if (tall) {
+        // rows i0.. of G, W (row-major B x N), of Mo (B x r); R row-major B x r
+        const float* A = G + i0 * cols;
+        float* W = P + i0 * cols;
+        float* Mb = Mo + i0 * r;
+        gemm('N', 'N', r, B, cols, 1.f, Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
+        for (int64_t i = 0; i < B; ++i) {
+          const float* a = A + i * cols;
+          float d = 1.f;
+          if (has_v) {
+            const float vi = vd * V[i0 + i] + vg * square_sum(a, cols);
+            V[i0 + i] = vi;
+            d = std::sqrt(vi) + e;
+          }
+          float* mo = Mb + i * r;
+          float* x = R.data() + i * r;
+#pragma omp simd
+          for (int64_t j = 0; j < r; ++j) {
+            const float mj = b1 * mo[j] + c1 * x[j];
+            mo[j] = mj;
+            x[j] = (mj - x[j]) / d;
+          }
+          float* w = W + i * cols;
+#pragma omp simd
+          for (int64_t j = 0; j < cols; ++j) w[j] = (w[j] - st * (a[j] / d)) * dc;
+        }
+        gemm('T', 'N', cols, B, r, alpha, Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
+      } else {
+        // columns i0.. of G, W (m x B, row stride n), of Mo (r x B, row stride n); R row-major r x B
+        const float* A = G + i0;
+        float* W = P + i0;
+        float* Mb = Mo + i0;
+        gemm('N', 'T', B, r, cols, 1.f, A, n, Q, r, 0.f, R.data(), B);  // R^T = Q^T G[:, block]
+        if (has_v) {
+          for (int64_t j = 0; j < B; ++j) D[j] = 0.f;
+          for (int64_t k = 0; k < cols; ++k) {
+            const float* a = A + k * n;
+#pragma omp simd
+            for (int64_t j = 0; j < B; ++j) D[j] += a[j] * a[j];
+          }
+          for (int64_t j = 0; j < B; ++j) {
+            const float vj = vd * V[i0 + j] + vg * D[j];
+            V[i0 + j] = vj;
+            D[j] = std::sqrt(vj) + e;
+          }
+        } else {
+          for (int64_t j = 0; j < B; ++j) D[j] = 1.f;
+        }
+        const float* __restrict Dp = D.data();
+        for (int64_t k = 0; k < r; ++k) {
+          float* mo = Mb + k * n;
+          float* x = R.data() + k * B;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) {
+            const float mj = b1 * mo[j] + c1 * x[j];
+            mo[j] = mj;
+            x[j] = (mj - x[j]) / Dp[j];
+          }
+        }
+        for (int64_t k = 0; k < cols; ++k) {
+          const float* a = A + k * n;
+          float* w = W + k * n;
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) w[j] = (w[j] - st * (a[j] / Dp[j])) * dc;
+        }
+        gemm('N', 'N', B, cols, r, alpha, R.data(), B, Q, r, 1.f, W, n);  // W[:, block] += alpha Q X^T
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "snsm fused Subset-Norm CPU kernel";
   module.def("sn_step", &sn_step, "fused Subset-Norm step (in place)");
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
+  module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
+  module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)");
 }
