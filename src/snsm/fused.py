@@ -36,7 +36,7 @@ from ._kernels import cpu_kernel, triton_sn
 from .distributed import is_dtensor
 from .subset_norm import SubsetLayout
 
-__all__ = ["supports", "kernel_for", "sn_step_fused_"]
+__all__ = ["supports", "kernel_for", "sn_step_fused_", "sn_steps_fused_"]
 
 _EMPTY = torch.empty(0)
 
@@ -102,23 +102,59 @@ def sn_step_fused_(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn, scratch
 ) -> None:
     """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
-    from .optimizer import _refresh_projector, step_scale
+    sn_steps_fused_(
+        [param], [grad], [state], [dict(layout=layout, subspace=subspace)], lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, warn=warn, scratch=scratch,
+    )
 
-    k = kernel_for(param.device)
-    state["step"] += 1
-    step = int(state["step"].item())
+
+def sn_steps_fused_(
+    params, grads, states, layouts, *, lr, beta1, beta2, eps, weight_decay, bias_correction, warn, scratch
+) -> None:
+    """:func:`sn_step_fused_` for several parameters of one group (``layouts``: each one's ``layout`` and
+    ``subspace``), with as little Python per parameter as it takes: the step counters move in one
+    multi-tensor add, and the parameters without subspace momentum go to the kernel in one call."""
+    from .optimizer import step_scale
+
+    torch._foreach_add_([st["step"] for st in states], 1.0)
     lr = float(lr)
-    scale = step_scale(lr, beta1, beta2, step, bias_correction)
     decay = 1.0 - lr * weight_decay
     v_decay, v_gain = _second_moment(beta2)
-    v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
-    kind, row_len = _kernel_layout(layout)
-    g = grad if grad.is_contiguous() else grad.contiguous()
+    scales = {}  # step -> lr * bias correction
+    whole = {}  # kernel -> the kernel's arguments for the parameters it takes whole, as lists
+    for param, grad, state, where in zip(params, grads, states, layouts):
+        step = int(state["step"].item())
+        scale = scales.get(step)
+        if scale is None:
+            scale = scales[step] = step_scale(lr, beta1, beta2, step, bias_correction)
+        k = kernel_for(param.device)
+        v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
+        kind, row_len = _kernel_layout(where["layout"])
+        g = grad if grad.is_contiguous() else grad.contiguous()
+        subspace = where["subspace"]
+        if subspace is None:
+            args = whole.get(k)
+            if args is None:
+                args = whole[k] = ([], [], [], [], [], [], [])
+            for column, value in zip(args, (param, g, state["exp_avg"] if beta1 > 0 else _EMPTY, v, kind, row_len,
+                                            scale)):
+                column.append(value)
+        else:
+            _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, beta1=beta1,
+                           beta2=beta2, eps=eps, layout=where["layout"], subspace=subspace, warn=warn,
+                           scratch=scratch)
+    for k, (ps, gs, ms, vs, kinds, row_lens, step_scales) in whole.items():
+        if hasattr(k, "sn_step_many"):
+            k.sn_step_many(ps, gs, ms, vs, kinds, row_lens, beta1, v_decay, v_gain, eps, step_scales, decay)
+        else:
+            for p, g, m, v, kind, row_len, scale in zip(ps, gs, ms, vs, kinds, row_lens, step_scales):
+                k.sn_step(p, g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale, decay)
 
-    if subspace is None:
-        m = state["exp_avg"] if beta1 > 0 else _EMPTY
-        k.sn_step(param, g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale, decay)
-        return
+
+def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
+                   layout, subspace, warn, scratch) -> None:
+    """One parameter's subspace-momentum step on the fast path (its step counter already moved)."""
+    from .optimizer import _refresh_projector
 
     is_tall = subspace.is_tall
     gm = g.view(subspace.shape)

@@ -177,6 +177,19 @@ void sn_step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t lay
   });
 }
 
+// sn_step for several tensors of one group in one call (per-tensor layouts and step sizes; the
+// same coefficients; v always updated): what the optimizer's multi-tensor fast path calls.
+void sn_step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> m,
+                  std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len, double beta1,
+                  double v_decay, double v_gain, double eps, std::vector<double> step, double decay) {
+  const size_t n = p.size();
+  TORCH_CHECK(g.size() == n && m.size() == n && v.size() == n && layout.size() == n && row_len.size() == n &&
+                  step.size() == n,
+              "sn_step_many: every list must hold one entry per parameter");
+  for (size_t i = 0; i < n; ++i)
+    sn_step(p[i], g[i], m[i], v[i], layout[i], row_len[i], beta1, v_decay, v_gain, true, eps, step[i], decay);
+}
+
 // v_i <- v_decay v_i + v_gain sum_{j in S_i} g_j^2 only (the subspace path needs v
 // before it can apply the rank-r part of the update).
 void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, double v_decay, double v_gain) {
@@ -346,6 +359,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "snsm fused Subset-Norm CPU kernel";
   module.def("sn_step", &sn_step, "fused Subset-Norm step (in place)");
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
+  module.def("sn_step_many", &sn_step_many, "sn_step for a list of tensors (in place)");
   module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
   module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)");
 }
