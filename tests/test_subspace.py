@@ -106,10 +106,28 @@ def test_uniform_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c) and len(set(a.tolist())) == 5
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(12, 6), torch.full((12, 6), float("nan"))])
+def _with(value):
+    g = torch.randn(12, 6)
+    g[4, 3] = value
+    return g
+
+
+UNUSABLE = [torch.zeros(12, 6), torch.full((12, 6), float("nan")), _with(float("nan")), _with(float("inf")),
+            _with(-float("inf"))]
+
+
+@pytest.mark.parametrize("bad", UNUSABLE, ids=["zeros", "all-nan", "one-nan", "one-inf", "one-neg-inf"])
 @pytest.mark.parametrize("proj", PROJECTIONS)
 def test_unusable_gradient_gives_no_projector(bad, proj):
     assert sm.build_projector(proj, bad, 2, torch.Generator().manual_seed(0)) is None
+    assert sm.build_projector(proj, bad.T, 2, torch.Generator().manual_seed(0)) is None  # wide
+
+
+@pytest.mark.parametrize("proj", PROJECTIONS)
+def test_a_gradient_with_one_nonzero_entry_is_usable(proj):
+    g = torch.zeros(12, 6)
+    g[4, 3] = -1e-3
+    assert sm.build_projector(proj, g, 2, torch.Generator().manual_seed(0)) is not None
 
 
 def explicit_numerator(g, m_state, p, is_tall):

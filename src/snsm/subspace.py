@@ -131,7 +131,10 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 def _usable(a: torch.Tensor) -> bool:
-    return bool(torch.isfinite(a).all()) and bool(a.abs().amax() > 0)
+    """Finite and not all zero, from one reduction without a temporary (the smallest and the
+    largest entry: a NaN anywhere makes both NaN, an inf makes one of them infinite)."""
+    lo, hi = torch.aminmax(a)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi) & ((lo != 0) | (hi != 0)))
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:

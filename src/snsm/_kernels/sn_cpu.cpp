@@ -251,7 +251,7 @@ void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, 
 bool sm_step_available() { return sgemm_ != nullptr; }
 
 void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, double beta1, double v_decay,
-             double v_gain, double eps, double step, double decay) {
+             double v_gain, double eps, double step, double decay, int64_t block_rows) {
   TORCH_CHECK(sm_step_available(), "sm_step: no BLAS in this torch build");
   TORCH_CHECK(p.dim() == 2, "param must be a matrix view");
   const int64_t m = p.size(0), n = p.size(1);
@@ -276,8 +276,16 @@ void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tenso
   float* V = has_v ? v.data_ptr<float>() : nullptr;
   const float b1 = beta1, c1 = 1.0 - beta1, vd = v_decay, vg = v_gain, e = eps, st = step, dc = decay;
   const float alpha = -step * decay;
-  // ~128 KiB of gradient per block: a block's G and W stay in L2 through both GEMMs
-  const int64_t block = std::clamp<int64_t>((int64_t{1} << 15) / std::max<int64_t>(cols, 1), 16, 512);
+  // About 256 KiB of gradient per block (a block's G and W stay in L2 through both GEMMs), in a
+  // number of blocks that the threads share evenly
+  int64_t block = block_rows;
+  if (block <= 0) {
+    const int64_t target = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(cols, 1), 16, 512);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t count = (rows + target - 1) / target;
+    if (rows >= 16 * threads) count = (count + threads - 1) / threads * threads;
+    block = (rows + count - 1) / count;
+  }
   const int64_t blocks = (rows + block - 1) / block;
 
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
@@ -361,5 +369,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
   module.def("sn_step_many", &sn_step_many, "sn_step for a list of tensors (in place)");
   module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
-  module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)");
+  module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)",
+             py::arg("p"), py::arg("g"), py::arg("mom"), py::arg("q"), py::arg("v"), py::arg("beta1"),
+             py::arg("v_decay"), py::arg("v_gain"), py::arg("eps"), py::arg("step"), py::arg("decay"),
+             py::arg("block_rows") = 0);
 }
