@@ -44,11 +44,19 @@ _EMPTY = torch.empty(0)
 def kernel_for(device: torch.device):
     """The fused kernel for tensors on ``device``: the C++ module on CPU, the Triton kernels on CUDA
     (both expose ``sn_step`` and ``sn_accumulate`` with one signature), or ``None``."""
+    if device.type == "cpu" and _CPU_KERNEL:
+        return _CPU_KERNEL[0]
     if device.type == "cpu":
-        return cpu_kernel()
+        k = cpu_kernel()
+        if k is not None:
+            _CPU_KERNEL.append(k)
+        return k
     if device.type == "cuda" and triton_sn.available():
         return triton_sn
     return None
+
+
+_CPU_KERNEL = []  # the CPU kernel, once it has been asked for and built
 
 
 def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
@@ -154,21 +162,24 @@ def sn_steps_fused_(
 def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
                    layout, subspace, warn, scratch) -> None:
     """One parameter's subspace-momentum step on the fast path (its step counter already moved)."""
-    from .optimizer import _refresh_projector
+    from .optimizer import _refresh_projector, refresh_due
 
     is_tall = subspace.is_tall
+    p = state["proj"]
+    if _one_pass(k, p, state["exp_avg"], v, beta2, layout):
+        # the whole step in one blocked pass: the kernel's sm_step (see its comment in sn_cpu.cpp);
+        # views only on a refresh step (each costs microseconds, and most steps need none)
+        refreshed = refresh_due(state, subspace, step) and _refresh_projector(
+            state, g.view(subspace.shape), sm.tall(state["exp_avg"], is_tall), subspace, step, warn)
+        k.sm_step(param, g, state["exp_avg"], p, v, *subspace.shape, beta1, v_decay, v_gain, eps, scale, decay)
+        if refreshed and subspace.refresh == "reference":
+            state["exp_avg"].zero_()
+        return
     gm = g.view(subspace.shape)
     pm = param.view(subspace.shape)
     a = sm.tall(gm, is_tall)
     mom = sm.tall(state["exp_avg"], is_tall)
     refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
-    p = state["proj"]
-    if _one_pass(k, p, state["exp_avg"], v, beta2, layout):
-        # the whole step in one blocked pass: the kernel's sm_step (see its comment in sn_cpu.cpp)
-        k.sm_step(pm, gm, state["exp_avg"], p, v, beta1, v_decay, v_gain, eps, scale, decay)
-        if refreshed and subspace.refresh == "reference":
-            mom.zero_()
-        return
     r = sm.project(a, p)
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
     if beta2 is None or aligned(layout):

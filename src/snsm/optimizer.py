@@ -542,6 +542,11 @@ class Workspace:
                 target.copy_(w)
 
 
+def refresh_due(state: dict, sub: _Subspace, step: int) -> bool:
+    """Whether the projector is recomputed at ``step``: none yet, or the (staggered) gap has come round."""
+    return (step + sub.offset) % sub.gap == 0 or int(state["proj_step"]) == 0
+
+
 def _refresh_projector(
     state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: _Subspace, step: int, warn, build=None, local=None
 ) -> bool:
@@ -552,9 +557,9 @@ def _refresh_projector(
     (its local view when state is a DTensor). Returns True when a new basis
     replaced an earlier one at this step.
     """
-    proj_step = int(state["proj_step"])
-    if proj_step != 0 and (step + sub.offset) % sub.gap != 0:
+    if not refresh_due(state, sub, step):
         return False
+    proj_step = int(state["proj_step"])
     gen = None
     if "seed" in state:
         seed = int(state["seed"])

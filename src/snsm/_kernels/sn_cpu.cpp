@@ -250,11 +250,10 @@ void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, 
 // the BLAS inside a block runs single-threaded (called from a parallel region).
 bool sm_step_available() { return sgemm_ != nullptr; }
 
-void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, double beta1, double v_decay,
-             double v_gain, double eps, double step, double decay, int64_t block_rows) {
+void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
+             double beta1, double v_decay, double v_gain, double eps, double step, double decay, int64_t block_rows) {
   TORCH_CHECK(sm_step_available(), "sm_step: no BLAS in this torch build");
-  TORCH_CHECK(p.dim() == 2, "param must be a matrix view");
-  const int64_t m = p.size(0), n = p.size(1);
+  TORCH_CHECK(m > 0 && n > 0 && p.numel() == m * n, "param must hold the m x n matrix it is stepped as");
   const bool tall = m >= n;
   const int64_t rows = tall ? m : n, cols = tall ? n : m;  // the tall frame, rows x cols
   check(p, "param", -1);
@@ -370,7 +369,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("sn_step_many", &sn_step_many, "sn_step for a list of tensors (in place)");
   module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
   module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)",
-             py::arg("p"), py::arg("g"), py::arg("mom"), py::arg("q"), py::arg("v"), py::arg("beta1"),
+             py::arg("p"), py::arg("g"), py::arg("mom"), py::arg("q"), py::arg("v"), py::arg("m"), py::arg("n"),
+             py::arg("beta1"),
              py::arg("v_decay"), py::arg("v_gain"), py::arg("eps"), py::arg("step"), py::arg("decay"),
              py::arg("block_rows") = 0);
 }
