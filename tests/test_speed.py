@@ -1,0 +1,50 @@
+"""The step-time benchmark (``python -m snsm.bench.speed``): what it writes, and its matmul floor."""
+import json
+
+import pytest
+import torch
+
+import snsm
+from snsm.bench import speed
+
+
+def test_matmul_floor_does_the_subspace_products_of_exactly_the_routed_matrices():
+    model = speed.llama_like("llama_20m")
+    floor = speed.MatmulFloor(model, rank=64)
+    h, i, layers, v = speed.SHAPES["llama_20m"]
+    assert len(floor.work) == 7 * layers + 1  # every block's seven linears and the head; no embedding
+    floor.step()
+    for a, q, r, u in floor.work:
+        assert a.shape[0] >= a.shape[1] and q.shape == (a.shape[1], 64)
+        assert torch.allclose(q.T @ q, torch.eye(64), atol=1e-5)
+        assert torch.allclose(r, a @ q, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(u, r @ q.T, rtol=1e-4, atol=1e-6)
+
+
+def test_speed_writes_a_table_with_ratios_to_fused_adamw(tmp_path, capsys):
+    rows = "AdamWSN,AdamWSNSM," + speed.FLOOR
+    assert speed.main(["--models", "llama_20m", "--optimizers", rows, "--proj-gap", "4", "--block", "2",
+                       "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "speed.json").read_text())
+    assert meta["command"].startswith("python -m snsm.bench.speed --models llama_20m")
+    by = {r["optimizer"]: r for r in meta["rows"]}
+    assert set(by) == {"AdamW fused", "AdamW foreach", "AdamWSN", "AdamWSNSM", speed.FLOOR}
+    assert by["AdamW fused"]["vs_fused"] == 1.0 and by["AdamW foreach"]["vs_foreach"] == 1.0
+    for r in meta["rows"]:
+        assert r["steps"] == 4 and r["median_ms"] > 0
+        assert r["vs_fused"] == pytest.approx(r["median_ms"] / by["AdamW fused"]["median_ms"])
+    # a subspace row is timed over a whole proj_gap cycle, refreshes included
+    assert by["AdamWSNSM"]["amortized_vs_fused"] > 0 and by["AdamWSNSM"]["worst_over_median"] >= 1
+    assert by["AdamWSN"]["amortized_vs_fused"] is None
+    # state: AdamW-SN keeps one full-size tensor less on the Subset-Norm matrices; the floor keeps none
+    assert by["AdamWSN"]["state_bytes"] < by["AdamW fused"]["state_bytes"]
+    assert by[speed.FLOOR]["state_bytes"] == 0 and by[speed.FLOOR]["peak_step_bytes"] is None
+    table = (tmp_path / "speed.md").read_text()
+    assert "| llama_20m | AdamWSNSM | 4 |" in table and speed.FLOOR in capsys.readouterr().out
+
+
+def test_speed_rejects_unknown_rows_and_models():
+    with pytest.raises(SystemExit):
+        speed.main(["--optimizers", "AdamWSNX"])
+    with pytest.raises(SystemExit):
+        speed.main(["--models", "llama_7b"])
