@@ -55,17 +55,26 @@ def test_svd_and_randomized_find_the_top_subspace(proj, shape):
     assert cosines.min() > 0.999
 
 
-@pytest.mark.parametrize("shape", [(4096, 256), (256, 4096)])
-def test_svd_of_a_large_elongated_matrix_goes_through_its_gram_matrix(shape, monkeypatch):
+@pytest.mark.parametrize("shape", [(4096, 256), (256, 4096), (256, 256), (688, 256), (256, 688)])
+def test_svd_of_a_large_matrix_goes_through_its_gram_matrix(shape, monkeypatch):
     g = spiked(*shape)
     assert max(shape) >= sm.GRAM_MIN_ASPECT * min(shape) and g.numel() >= sm.GRAM_MIN_ELEMENTS
     calls, eigh = [], torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda x: calls.append(x.shape) or eigh(x))
     q = sm.build_projector("svd", g, 4)
-    assert calls == [(256, 256)]  # the small Gram matrix, not an SVD of the gradient
-    assert q.dtype == torch.float32 and q.shape == (256, 4)
+    assert calls == [(min(shape), min(shape))]  # the small Gram matrix, not an SVD of the gradient
+    assert q.dtype == torch.float32 and q.shape == (min(shape), 4)
     assert torch.allclose(q.T @ q, torch.eye(4), atol=1e-5)
     assert torch.linalg.svdvals(top_right(g, 4).T @ q).min() > 0.9999
+
+
+def test_small_matrices_take_the_svd_itself(monkeypatch):
+    """Below GRAM_MIN_ELEMENTS (the golden cases' sizes) the basis is the SVD's, signs included."""
+    g = spiked(48, 24)
+    assert g.numel() < sm.GRAM_MIN_ELEMENTS
+    monkeypatch.setattr(torch.linalg, "eigh", lambda x: pytest.fail("eigh called"))
+    q = sm.build_projector("svd", g, 4)
+    assert torch.equal(q, torch.linalg.svd(g, full_matrices=False).Vh[:4].T.contiguous())
 
 
 def test_srht_keeps_more_energy_than_a_random_subspace():
