@@ -60,134 +60,197 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
 
 void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, double v_decay, double v_gain);
 
-void sn_step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t layout, int64_t row_len,
-             double beta1, double v_decay, double v_gain, bool update_v, double eps, double step, double decay) {
+namespace {
+
+// One tensor's sn_step, checked and ready to run over any range of its units: elements
+// (coordinate-wise or no v) or rows (subsets by row; by column, with the column
+// denominators computed beforehand).
+struct SnTask {
+  float* P;
+  const float* G;
+  float* M;
+  float* V;
+  bool has_m, has_v, update_v;
+  int64_t layout, row_len, units, unit_len;
+  std::vector<float> denom;  // layout 2: sqrt(v_j) + eps per column
+  float b1, c1, vd, vg, e, st, dc;
+};
+
+SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t layout, int64_t row_len, double beta1,
+               double v_decay, double v_gain, bool update_v, double eps, double step, double decay) {
   const int64_t numel = p.numel();
   check(p, "param", -1);
   check(g, "grad", numel);
-  const bool has_m = m.defined() && m.numel() > 0;
-  const bool has_v = v.defined() && v.numel() > 0;
-  if (has_m) check(m, "exp_avg", numel);
-  if (has_v) check(v, "exp_avg_sq", -1);
-  float* P = p.data_ptr<float>();
-  const float* G = g.data_ptr<float>();
-  float* M = has_m ? m.data_ptr<float>() : nullptr;
-  float* V = has_v ? v.data_ptr<float>() : nullptr;
-  const float b1 = beta1, c1 = 1.0 - beta1, vd = v_decay, vg = v_gain, e = eps, st = step, dc = decay;
-
-  if (!has_v || layout == 0) {
-    if (has_v) TORCH_CHECK(v.numel() == numel, "coordinate-wise exp_avg_sq must be shaped like the parameter");
-    at::parallel_for(0, numel, kGrain, [&](int64_t lo, int64_t hi) {
-      const int64_t len = hi - lo;
-      float* __restrict p_ = P + lo;
-      const float* __restrict g_ = G + lo;
-      float* __restrict m_ = has_m ? M + lo : nullptr;
-      float* __restrict v_ = has_v ? V + lo : nullptr;
-      if (has_m && has_v && update_v) {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const float mj = b1 * m_[j] + c1 * g_[j];
-          const float vj = vd * v_[j] + vg * (g_[j] * g_[j]);
-          m_[j] = mj;
-          v_[j] = vj;
-          p_[j] = (p_[j] - st * (mj / (std::sqrt(vj) + e))) * dc;
-        }
-      } else if (has_m && has_v) {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const float mj = b1 * m_[j] + c1 * g_[j];
-          m_[j] = mj;
-          p_[j] = (p_[j] - st * (mj / (std::sqrt(v_[j]) + e))) * dc;
-        }
-      } else if (has_m) {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const float mj = b1 * m_[j] + c1 * g_[j];
-          m_[j] = mj;
-          p_[j] = (p_[j] - st * mj) * dc;
-        }
-      } else if (has_v && update_v) {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const float vj = vd * v_[j] + vg * (g_[j] * g_[j]);
-          v_[j] = vj;
-          p_[j] = (p_[j] - st * (g_[j] / (std::sqrt(vj) + e))) * dc;
-        }
-      } else if (has_v) {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / (std::sqrt(v_[j]) + e))) * dc;
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * g_[j]) * dc;
-      }
-    });
-    return;
+  SnTask t;
+  t.has_m = m.defined() && m.numel() > 0;
+  t.has_v = v.defined() && v.numel() > 0;
+  if (t.has_m) check(m, "exp_avg", numel);
+  if (t.has_v) check(v, "exp_avg_sq", -1);
+  t.P = p.data_ptr<float>();
+  t.G = g.data_ptr<float>();
+  t.M = t.has_m ? m.data_ptr<float>() : nullptr;
+  t.V = t.has_v ? v.data_ptr<float>() : nullptr;
+  t.update_v = update_v;
+  t.b1 = beta1, t.c1 = 1.0 - beta1, t.vd = v_decay, t.vg = v_gain, t.e = eps, t.st = step, t.dc = decay;
+  t.layout = (!t.has_v || layout == 0) ? 0 : layout;
+  t.row_len = row_len;
+  if (t.layout == 0) {
+    if (t.has_v) TORCH_CHECK(v.numel() == numel, "coordinate-wise exp_avg_sq must be shaped like the parameter");
+    t.units = numel, t.unit_len = 1;
+    return t;
   }
-
   TORCH_CHECK(row_len > 0 && numel % row_len == 0, "row_len must divide numel");
-  const int64_t rows = numel / row_len;
-  if (layout == 1) {  // one subset per contiguous row
-    TORCH_CHECK(v.numel() == rows, "exp_avg_sq must hold one value per row");
-    const int64_t grain = std::max<int64_t>(1, kGrain / row_len);
-    at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t off = i * row_len;
-        float* __restrict p_ = P + off;
-        const float* __restrict g_ = G + off;
-        float vi = V[i];
-        if (update_v) { vi = vd * vi + vg * square_sum(g_, row_len); V[i] = vi; }
-        const float d = std::sqrt(vi) + e;
-        if (has_m) {
-          float* __restrict m_ = M + off;
-          momentum_row(m_, g_, row_len, b1, c1);
-#pragma omp simd
-          for (int64_t j = 0; j < row_len; ++j) p_[j] = (p_[j] - st * (m_[j] / d)) * dc;
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < row_len; ++j) p_[j] = (p_[j] - st * (g_[j] / d)) * dc;
-        }
-      }
-    });
-    return;
+  t.units = numel / row_len, t.unit_len = row_len;
+  if (t.layout == 1) {
+    TORCH_CHECK(v.numel() == t.units, "exp_avg_sq must hold one value per row");
+    return t;
   }
-
-  TORCH_CHECK(layout == 2, "layout must be 0, 1 or 2");
-  const int64_t cols = row_len;
-  TORCH_CHECK(v.numel() == cols, "exp_avg_sq must hold one value per column");
-  if (update_v) sn_accumulate(g, v, 2, cols, v_decay, v_gain);
-  std::vector<float> denom(cols);
-  for (int64_t j = 0; j < cols; ++j) denom[j] = std::sqrt(V[j]) + e;
-  const float* __restrict D = denom.data();
-  const int64_t grain = std::max<int64_t>(1, kGrain / cols);
-  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t off = i * cols;
-      float* __restrict p_ = P + off;
-      const float* __restrict g_ = G + off;
-      if (has_m) {
-        float* __restrict m_ = M + off;
-        momentum_row(m_, g_, cols, b1, c1);
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) p_[j] = (p_[j] - st * (m_[j] / D[j])) * dc;
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) p_[j] = (p_[j] - st * (g_[j] / D[j])) * dc;
-      }
-    }
-  });
+  TORCH_CHECK(t.layout == 2, "layout must be 0, 1 or 2");
+  TORCH_CHECK(v.numel() == row_len, "exp_avg_sq must hold one value per column");
+  if (update_v) sn_accumulate(g, v, 2, row_len, v_decay, v_gain);
+  t.denom.resize(row_len);
+  for (int64_t j = 0; j < row_len; ++j) t.denom[j] = std::sqrt(t.V[j]) + t.e;
+  return t;
 }
 
-// sn_step for several tensors of one group in one call (per-tensor layouts and step sizes; the
-// same coefficients; v always updated): what the optimizer's multi-tensor fast path calls.
+// The update of units [lo, hi) of a prepared tensor:
+//   m <- beta1 m + (1 - beta1) g;  v_S <- v_decay v_S + v_gain sum_S g^2;  p <- (p - step n / (sqrt(v_S) + eps)) decay
+void run(const SnTask& t, int64_t lo, int64_t hi) {
+  const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
+  const bool has_m = t.has_m, has_v = t.has_v, update_v = t.update_v;
+  if (t.layout == 0) {
+    const int64_t len = hi - lo;
+    float* __restrict p_ = t.P + lo;
+    const float* __restrict g_ = t.G + lo;
+    float* __restrict m_ = has_m ? t.M + lo : nullptr;
+    float* __restrict v_ = has_v ? t.V + lo : nullptr;
+    if (has_m && has_v && update_v) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float mj = b1 * m_[j] + c1 * g_[j];
+        const float vj = vd * v_[j] + vg * (g_[j] * g_[j]);
+        m_[j] = mj;
+        v_[j] = vj;
+        p_[j] = (p_[j] - st * (mj / (std::sqrt(vj) + e))) * dc;
+      }
+    } else if (has_m && has_v) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float mj = b1 * m_[j] + c1 * g_[j];
+        m_[j] = mj;
+        p_[j] = (p_[j] - st * (mj / (std::sqrt(v_[j]) + e))) * dc;
+      }
+    } else if (has_m) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float mj = b1 * m_[j] + c1 * g_[j];
+        m_[j] = mj;
+        p_[j] = (p_[j] - st * mj) * dc;
+      }
+    } else if (has_v && update_v) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float vj = vd * v_[j] + vg * (g_[j] * g_[j]);
+        v_[j] = vj;
+        p_[j] = (p_[j] - st * (g_[j] / (std::sqrt(vj) + e))) * dc;
+      }
+    } else if (has_v) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / (std::sqrt(v_[j]) + e))) * dc;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * g_[j]) * dc;
+    }
+    return;
+  }
+  const int64_t len = t.row_len;
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t off = i * len;
+    float* __restrict p_ = t.P + off;
+    const float* __restrict g_ = t.G + off;
+    if (t.layout == 1) {  // one subset per contiguous row
+      float vi = t.V[i];
+      if (update_v) {
+        vi = vd * vi + vg * square_sum(g_, len);
+        t.V[i] = vi;
+      }
+      const float d = std::sqrt(vi) + e;
+      if (has_m) {
+        float* __restrict m_ = t.M + off;
+        momentum_row(m_, g_, len, b1, c1);
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (m_[j] / d)) * dc;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / d)) * dc;
+      }
+    } else {  // one subset per column
+      const float* __restrict D = t.denom.data();
+      if (has_m) {
+        float* __restrict m_ = t.M + off;
+        momentum_row(m_, g_, len, b1, c1);
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (m_[j] / D[j])) * dc;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / D[j])) * dc;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sn_step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t layout, int64_t row_len,
+             double beta1, double v_decay, double v_gain, bool update_v, double eps, double step, double decay) {
+  const SnTask t = prepare(p, g, m, v, layout, row_len, beta1, v_decay, v_gain, update_v, eps, step, decay);
+  const int64_t grain = std::max<int64_t>(1, kGrain / t.unit_len);
+  at::parallel_for(0, t.units, grain, [&](int64_t lo, int64_t hi) { run(t, lo, hi); });
+}
+
+// sn_step for several tensors of one group (per-tensor layouts and step sizes; the same
+// coefficients; v always updated) in one parallel region: the tensors are cut into pieces
+// of about kPiece elements, whole rows each, and the threads share the pieces, so small
+// tensors cost no fork and join of their own. What the optimizer's fast path calls.
 void sn_step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> m,
                   std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len, double beta1,
                   double v_decay, double v_gain, double eps, std::vector<double> step, double decay) {
+  constexpr int64_t kPiece = 1 << 16;
   const size_t n = p.size();
   TORCH_CHECK(g.size() == n && m.size() == n && v.size() == n && layout.size() == n && row_len.size() == n &&
                   step.size() == n,
               "sn_step_many: every list must hold one entry per parameter");
+  std::vector<SnTask> tasks;
+  tasks.reserve(n);
   for (size_t i = 0; i < n; ++i)
-    sn_step(p[i], g[i], m[i], v[i], layout[i], row_len[i], beta1, v_decay, v_gain, true, eps, step[i], decay);
+    tasks.push_back(prepare(p[i], g[i], m[i], v[i], layout[i], row_len[i], beta1, v_decay, v_gain, true, eps,
+                            step[i], decay));
+  struct Piece {
+    const SnTask* task;
+    int64_t lo, hi;
+    double start;  // bytes moved by the pieces before this one
+  };
+  std::vector<Piece> pieces;
+  double total = 0;
+  for (const SnTask& t : tasks) {
+    // bytes per element: p read and written, g read, m read and written, coordinate-wise v read and written
+    const double bytes = 4.0 * (3 + 2 * t.has_m + 2 * (t.has_v && t.layout == 0));
+    const int64_t per = std::max<int64_t>(1, kPiece / t.unit_len);
+    for (int64_t lo = 0; lo < t.units; lo += per) {
+      const int64_t hi = std::min(t.units, lo + per);
+      pieces.push_back({&t, lo, hi, total});
+      total += bytes * static_cast<double>((hi - lo) * t.unit_len);
+    }
+  }
+  // each thread takes a run of pieces moving an equal share of the bytes
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const double begin = total * k / threads, end = total * (k + 1) / threads;
+      for (const Piece& piece : pieces)
+        if (piece.start >= begin && piece.start < end) run(*piece.task, piece.lo, piece.hi);
+    }
+  });
 }
 
 // v_i <- v_decay v_i + v_gain sum_{j in S_i} g_j^2 only (the subspace path needs v
