@@ -150,7 +150,7 @@ class _Spy:
             return attr
 
         def counted(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.calls.setdefault(name, []).append(args)
             return attr(*args)
         return counted
 
@@ -159,16 +159,20 @@ class _Spy:
 @pytest.mark.parametrize("name", SM_CLASSES)
 @pytest.mark.parametrize("refresh", ["transport", "reference"])
 def test_one_pass_subspace_step_matches_reference_across_blocks(name, refresh, monkeypatch):
-    """sm_step works block by block of the tall frame's rows: a tall matrix of 700 rows and a wide one
-    of 600 columns span two blocks (one of them partial); it takes the whole step and matches the
-    reference path, refreshes included."""
+    """The one-pass subspace step works block by block of the tall frame's rows: a tall matrix of 700
+    rows and a wide one of 600 columns span two blocks (one of them partial); one fused_step call per
+    step takes both whole, beside the coordinate-wise tensors, and matches the reference path,
+    refreshes included."""
     spy = _Spy(cpu_kernel())
     monkeypatch.setattr(fused, "kernel_for", lambda device: spy)
 
     def run_big(use_fused):
         torch.manual_seed(0)
-        m = nn.ModuleDict(dict(tall=nn.Linear(40, 700, bias=False), wide=nn.Linear(600, 30, bias=False)))
-        opt = getattr(snsm, name)(m.parameters(), lr=1e-2, rank=5, proj_gap=3, refresh=refresh, weight_decay=0.1,
+        m = nn.ModuleDict(dict(tall=nn.Linear(40, 700, bias=False), wide=nn.Linear(600, 30, bias=False),
+                               emb=nn.Embedding(50, 8)))
+        groups = [{"params": [m["tall"].weight, m["wide"].weight]},
+                  {"params": [m["emb"].weight], "rank": None, "subset_size": None, "lr": 3e-3}]
+        opt = getattr(snsm, name)(groups, lr=1e-2, rank=5, proj_gap=3, refresh=refresh, weight_decay=0.1,
                                   fused=use_fused, foreach=False)
         gen = torch.Generator().manual_seed(3)
         for _ in range(7):
@@ -178,7 +182,9 @@ def test_one_pass_subspace_step_matches_reference_across_blocks(name, refresh, m
         return m, opt
 
     mf, of = run_big(True)
-    assert spy.calls.get("sm_step") == 14  # both matrices, every step
+    calls = spy.calls["fused_step"]
+    assert len(calls) == 7  # one per step, for both groups
+    assert all(len(args[0]) == 1 and len(args[7]) == 2 for args in calls)  # the embedding whole, both matrices
     mr, orf = run_big(False)
     for (key, a), b in zip(mf.named_parameters(), mr.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key

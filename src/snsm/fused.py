@@ -36,7 +36,7 @@ from ._kernels import cpu_kernel, triton_sn
 from .distributed import is_dtensor
 from .subset_norm import SubsetLayout
 
-__all__ = ["supports", "kernel_for", "sn_step_fused_", "sn_steps_fused_"]
+__all__ = ["supports", "kernel_for", "sn_step_fused_", "fused_steps_"]
 
 _EMPTY = torch.empty(0)
 
@@ -110,76 +110,105 @@ def sn_step_fused_(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn, scratch
 ) -> None:
     """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
-    sn_steps_fused_(
-        [param], [grad], [state], [dict(layout=layout, subspace=subspace)], lr=lr, beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, warn=warn, scratch=scratch,
-    )
+    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                   layout=layout, subspace=subspace, warn=warn)
+    fused_steps_([(param, grad, state, options, lr)], scratch=scratch)
 
 
-def sn_steps_fused_(
-    params, grads, states, layouts, *, lr, beta1, beta2, eps, weight_decay, bias_correction, warn, scratch
-) -> None:
-    """:func:`sn_step_fused_` for several parameters of one group (``layouts``: each one's ``layout`` and
-    ``subspace``), with as little Python per parameter as it takes: the step counters move in one
-    multi-tensor add, and the parameters without subspace momentum go to the kernel in one call."""
-    from .optimizer import step_scale
+class _Batch:
+    """One kernel's arguments for a step, as lists: whole tensors (``sn_step``) and subspace matrices
+    taken in one pass (``sm_step``), with six coefficients each
+    (beta1, v_decay, v_gain, eps, step size, decay)."""
 
-    torch._foreach_add_([st["step"] for st in states], 1.0)
-    lr = float(lr)
-    decay = 1.0 - lr * weight_decay
-    v_decay, v_gain = _second_moment(beta2)
-    scales = {}  # step -> lr * bias correction
-    whole = {}  # kernel -> the kernel's arguments for the parameters it takes whole, as lists
-    for param, grad, state, where in zip(params, grads, states, layouts):
+    def __init__(self):
+        self.whole = ([], [], [], [], [], [], [])  # p, g, m, v, layout, row_len, coefficients
+        self.subspace = ([], [], [], [], [], [], [])  # p, g, exp_avg, proj, v, (m, n), coefficients
+
+    def run(self, k) -> None:
+        p, g, m, v, kinds, row_lens, coef = self.whole
+        if hasattr(k, "fused_step"):
+            sp, sg, smom, sq, sv, shape, scoef = self.subspace
+            k.fused_step(p, g, m, v, kinds, row_lens, coef, sp, sg, smom, sq, sv, shape, scoef)
+            return
+        for i in range(len(p)):  # a kernel without the one-region entry point (Triton): tensor by tensor
+            b1, vd, vg, eps, scale, decay = coef[6 * i: 6 * i + 6]
+            k.sn_step(p[i], g[i], m[i], v[i], kinds[i], row_lens[i], b1, vd, vg, True, eps, scale, decay)
+
+
+def fused_steps_(items, *, scratch) -> None:
+    """The fast path for every parameter of a step that takes it: ``items`` are
+    ``(param, grad, state, step options but lr, lr)``, from any groups.
+
+    As little Python per parameter as it takes: the step counters move in one
+    multi-tensor add; projector refreshes and subspace steps the one-pass
+    kernel does not take run here; everything else goes to the kernel in one
+    call (:func:`snsm._kernels` ``fused_step``), where memory-bound tensors and
+    compute-bound subspace matrices share the threads.
+    """
+    from .optimizer import _refresh_projector, refresh_due, step_scale
+
+    torch._foreach_add_([item[2]["step"] for item in items], 1.0)
+    scales = {}  # (lr, beta1, beta2, bias_correction, step) -> lr * bias correction
+    batches = {}  # kernel -> _Batch
+    zero_after = []  # momentum that refresh="reference" zeroes once the step has read it
+    for param, grad, state, o, lr in items:
+        lr = float(lr)
+        beta1, beta2 = o["beta1"], o["beta2"]
         step = int(state["step"].item())
-        scale = scales.get(step)
+        key = (lr, beta1, beta2, o["bias_correction"], step)
+        scale = scales.get(key)
         if scale is None:
-            scale = scales[step] = step_scale(lr, beta1, beta2, step, bias_correction)
+            scale = scales[key] = step_scale(lr, beta1, beta2, step, o["bias_correction"])
+        decay = 1.0 - lr * o["weight_decay"]
+        v_decay, v_gain = _second_moment(beta2)
         k = kernel_for(param.device)
         v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
-        kind, row_len = _kernel_layout(where["layout"])
+        layout, subspace = o["layout"], o["subspace"]
         g = grad if grad.is_contiguous() else grad.contiguous()
-        subspace = where["subspace"]
+        coef = (beta1, v_decay, v_gain, o["eps"], scale, decay)
+        batch = batches.get(k)
+        if batch is None:
+            batch = batches[k] = _Batch()
         if subspace is None:
-            args = whole.get(k)
-            if args is None:
-                args = whole[k] = ([], [], [], [], [], [], [])
-            for column, value in zip(args, (param, g, state["exp_avg"] if beta1 > 0 else _EMPTY, v, kind, row_len,
-                                            scale)):
+            kind, row_len = _kernel_layout(layout)
+            for column, value in zip(batch.whole, (param, g, state["exp_avg"] if beta1 > 0 else _EMPTY, v, kind,
+                                                   row_len)):
                 column.append(value)
+            batch.whole[6].extend(coef)
+        elif _one_pass(k, state["proj"], state["exp_avg"], v, beta2, layout):
+            # views only on a refresh step (each costs microseconds, and most steps need none)
+            if refresh_due(state, subspace, step) and _refresh_projector(
+                    state, g.view(subspace.shape), sm.tall(state["exp_avg"], subspace.is_tall), subspace, step,
+                    o["warn"]) and subspace.refresh == "reference":
+                zero_after.append(state["exp_avg"])
+            for column, value in zip(batch.subspace, (param, g, state["exp_avg"], state["proj"], v)):
+                column.append(value)
+            batch.subspace[5].extend(subspace.shape)
+            batch.subspace[6].extend(coef)
         else:
+            kind, row_len = _kernel_layout(layout)
             _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, beta1=beta1,
-                           beta2=beta2, eps=eps, layout=where["layout"], subspace=subspace, warn=warn,
+                           beta2=beta2, eps=o["eps"], layout=layout, subspace=subspace, warn=o["warn"],
                            scratch=scratch)
-    for k, (ps, gs, ms, vs, kinds, row_lens, step_scales) in whole.items():
-        if hasattr(k, "sn_step_many"):
-            k.sn_step_many(ps, gs, ms, vs, kinds, row_lens, beta1, v_decay, v_gain, eps, step_scales, decay)
-        else:
-            for p, g, m, v, kind, row_len, scale in zip(ps, gs, ms, vs, kinds, row_lens, step_scales):
-                k.sn_step(p, g, m, v, kind, row_len, beta1, v_decay, v_gain, True, eps, scale, decay)
+    for k, batch in batches.items():
+        batch.run(k)
+    for mom in zero_after:
+        mom.zero_()
 
 
 def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
                    layout, subspace, warn, scratch) -> None:
-    """One parameter's subspace-momentum step on the fast path (its step counter already moved)."""
-    from .optimizer import _refresh_projector, refresh_due
+    """One parameter's subspace-momentum step the one-pass kernel does not take (a row selection, subsets
+    across rows, a kernel without ``sm_step``); its step counter already moved."""
+    from .optimizer import _refresh_projector
 
     is_tall = subspace.is_tall
-    p = state["proj"]
-    if _one_pass(k, p, state["exp_avg"], v, beta2, layout):
-        # the whole step in one blocked pass: the kernel's sm_step (see its comment in sn_cpu.cpp);
-        # views only on a refresh step (each costs microseconds, and most steps need none)
-        refreshed = refresh_due(state, subspace, step) and _refresh_projector(
-            state, g.view(subspace.shape), sm.tall(state["exp_avg"], is_tall), subspace, step, warn)
-        k.sm_step(param, g, state["exp_avg"], p, v, *subspace.shape, beta1, v_decay, v_gain, eps, scale, decay)
-        if refreshed and subspace.refresh == "reference":
-            state["exp_avg"].zero_()
-        return
     gm = g.view(subspace.shape)
     pm = param.view(subspace.shape)
     a = sm.tall(gm, is_tall)
     mom = sm.tall(state["exp_avg"], is_tall)
     refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
+    p = state["proj"]
     r = sm.project(a, p)
     mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
     if beta2 is None or aligned(layout):

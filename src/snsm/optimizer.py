@@ -352,14 +352,15 @@ class SubsetNormOptimizer(Optimizer):
                 params.append((p, *self._planned(p, group, rules, group_key, index[p])))
             plan.append((group, rules, params))
         sharded = []  # DTensor steps, run so that their all-reduces overlap with other work
+        fast = []  # the fused path's parameters, of every group: one kernel call for them all
         for group, rules, params in plan:
-            batch, fast = [], []
+            batch = []
             for p, path, options in params:
                 state = self.state[p]
                 if not state:
                     self._init_state(p, group, rules, index[p])
                 if path == "fused":
-                    fast.append((p, state, options))
+                    fast.append((p, p.grad, state, options, group["lr"]))
                     continue
                 options = dict(options, lr=group["lr"])
                 if path == "sharded":
@@ -368,10 +369,10 @@ class SubsetNormOptimizer(Optimizer):
                     batch.append((p, options))
                 else:
                     sn_step_(p, p.grad, state, **options)
-            if fast:
-                self._update_fused(fast, group["lr"])
             if batch:
                 self._update_foreach(batch, rules)
+        if fast:
+            fused.fused_steps_(fast, scratch=self._scratch)
         distributed.run_overlapped(sharded)
         return loss
 
@@ -421,16 +422,6 @@ class SubsetNormOptimizer(Optimizer):
                 + (f"; {kernel_error()}" if kernel_error() else "") + "); use fused=None to fall back"
             )
         return ok
-
-    def _update_fused(self, fast, lr) -> None:
-        """One fused-path call for ``fast``: ``(param, state, step options)`` triples of one group."""
-        options = fast[0][2]
-        fused.sn_steps_fused_(
-            [p for p, _, _ in fast], [p.grad for p, _, _ in fast], [st for _, st, _ in fast], [o for _, _, o in fast],
-            lr=lr, beta1=options["beta1"], beta2=options["beta2"], eps=options["eps"],
-            weight_decay=options["weight_decay"], bias_correction=options["bias_correction"],
-            warn=options["warn"], scratch=self._scratch,
-        )
 
     def _update_foreach(self, batch, rules: Rules) -> None:
         """One multi-tensor step for ``batch``: ``(param, step options)`` pairs of one group."""

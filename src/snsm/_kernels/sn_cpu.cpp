@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -208,51 +209,6 @@ void sn_step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t lay
   at::parallel_for(0, t.units, grain, [&](int64_t lo, int64_t hi) { run(t, lo, hi); });
 }
 
-// sn_step for several tensors of one group (per-tensor layouts and step sizes; the same
-// coefficients; v always updated) in one parallel region: the tensors are cut into pieces
-// of about kPiece elements, whole rows each, and the threads share the pieces, so small
-// tensors cost no fork and join of their own. What the optimizer's fast path calls.
-void sn_step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> m,
-                  std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len, double beta1,
-                  double v_decay, double v_gain, double eps, std::vector<double> step, double decay) {
-  constexpr int64_t kPiece = 1 << 16;
-  const size_t n = p.size();
-  TORCH_CHECK(g.size() == n && m.size() == n && v.size() == n && layout.size() == n && row_len.size() == n &&
-                  step.size() == n,
-              "sn_step_many: every list must hold one entry per parameter");
-  std::vector<SnTask> tasks;
-  tasks.reserve(n);
-  for (size_t i = 0; i < n; ++i)
-    tasks.push_back(prepare(p[i], g[i], m[i], v[i], layout[i], row_len[i], beta1, v_decay, v_gain, true, eps,
-                            step[i], decay));
-  struct Piece {
-    const SnTask* task;
-    int64_t lo, hi;
-    double start;  // bytes moved by the pieces before this one
-  };
-  std::vector<Piece> pieces;
-  double total = 0;
-  for (const SnTask& t : tasks) {
-    // bytes per element: p read and written, g read, m read and written, coordinate-wise v read and written
-    const double bytes = 4.0 * (3 + 2 * t.has_m + 2 * (t.has_v && t.layout == 0));
-    const int64_t per = std::max<int64_t>(1, kPiece / t.unit_len);
-    for (int64_t lo = 0; lo < t.units; lo += per) {
-      const int64_t hi = std::min(t.units, lo + per);
-      pieces.push_back({&t, lo, hi, total});
-      total += bytes * static_cast<double>((hi - lo) * t.unit_len);
-    }
-  }
-  // each thread takes a run of pieces moving an equal share of the bytes
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const double begin = total * k / threads, end = total * (k + 1) / threads;
-      for (const Piece& piece : pieces)
-        if (piece.start >= begin && piece.start < end) run(*piece.task, piece.lo, piece.hi);
-    }
-  });
-}
-
 // v_i <- v_decay v_i + v_gain sum_{j in S_i} g_j^2 only (the subspace path needs v
 // before it can apply the rank-r part of the update).
 void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, double v_decay, double v_gain) {
@@ -313,113 +269,215 @@ void sn_accumulate(at::Tensor g, at::Tensor v, int64_t layout, int64_t row_len, 
 // the BLAS inside a block runs single-threaded (called from a parallel region).
 bool sm_step_available() { return sgemm_ != nullptr; }
 
-void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
-             double beta1, double v_decay, double v_gain, double eps, double step, double decay, int64_t block_rows) {
+namespace {
+
+// One matrix's sm_step, checked and ready to run block by block.
+struct SmTask {
+  float* P;
+  const float* G;
+  float* Mo;
+  const float* Q;
+  float* V;
+  bool has_v, tall;
+  int64_t n, rows, cols, r, block, blocks;
+  float b1, c1, vd, vg, e, st, dc, alpha;
+};
+
+SmTask prepare_sm(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
+                  double beta1, double v_decay, double v_gain, double eps, double step, double decay,
+                  int64_t block_rows) {
   TORCH_CHECK(sm_step_available(), "sm_step: no BLAS in this torch build");
   TORCH_CHECK(m > 0 && n > 0 && p.numel() == m * n, "param must hold the m x n matrix it is stepped as");
-  const bool tall = m >= n;
-  const int64_t rows = tall ? m : n, cols = tall ? n : m;  // the tall frame, rows x cols
+  SmTask t;
+  t.tall = m >= n;
+  t.n = n;
+  t.rows = t.tall ? m : n, t.cols = t.tall ? n : m;  // the tall frame, rows x cols
   check(p, "param", -1);
   check(g, "grad", m * n);
   check(q, "proj", -1);
   check(mom, "exp_avg", -1);
-  const int64_t r = q.size(1);
-  TORCH_CHECK(q.dim() == 2 && q.size(0) == cols, "proj must be ", cols, " x r");
-  TORCH_CHECK(mom.numel() == rows * r, "exp_avg must hold ", rows, " x ", r, " values");
-  const bool has_v = v.defined() && v.numel() > 0;
-  if (has_v) {
+  t.r = q.dim() == 2 ? q.size(1) : 0;
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == t.cols && t.r > 0, "proj must be ", t.cols, " x r");
+  TORCH_CHECK(mom.numel() == t.rows * t.r, "exp_avg must hold ", t.rows, " x ", t.r, " values");
+  t.has_v = v.defined() && v.numel() > 0;
+  if (t.has_v) {
     check(v, "exp_avg_sq", -1);
-    TORCH_CHECK(v.numel() == rows, "exp_avg_sq must hold one value per row of the tall frame");
+    TORCH_CHECK(v.numel() == t.rows, "exp_avg_sq must hold one value per row of the tall frame");
   }
-  float* P = p.data_ptr<float>();
-  const float* G = g.data_ptr<float>();
-  float* Mo = mom.data_ptr<float>();
-  const float* Q = q.data_ptr<float>();
-  float* V = has_v ? v.data_ptr<float>() : nullptr;
-  const float b1 = beta1, c1 = 1.0 - beta1, vd = v_decay, vg = v_gain, e = eps, st = step, dc = decay;
-  const float alpha = -step * decay;
+  t.P = p.data_ptr<float>();
+  t.G = g.data_ptr<float>();
+  t.Mo = mom.data_ptr<float>();
+  t.Q = q.data_ptr<float>();
+  t.V = t.has_v ? v.data_ptr<float>() : nullptr;
+  t.b1 = beta1, t.c1 = 1.0 - beta1, t.vd = v_decay, t.vg = v_gain, t.e = eps, t.st = step, t.dc = decay;
+  t.alpha = -step * decay;
   // About 256 KiB of gradient per block (a block's G and W stay in L2 through both GEMMs), in a
   // number of blocks that the threads share evenly
   int64_t block = block_rows;
   if (block <= 0) {
-    const int64_t target = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(cols, 1), 16, 512);
+    const int64_t target = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(t.cols, 1), 16, 512);
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    int64_t count = (rows + target - 1) / target;
-    if (rows >= 16 * threads) count = (count + threads - 1) / threads * threads;
-    block = (rows + count - 1) / count;
+    int64_t count = (t.rows + target - 1) / target;
+    if (t.rows >= 16 * threads) count = (count + threads - 1) / threads * threads;
+    block = (t.rows + count - 1) / count;
   }
-  const int64_t blocks = (rows + block - 1) / block;
+  t.block = block;
+  t.blocks = (t.rows + block - 1) / block;
+  return t;
+}
 
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> R(block * r), D(block);
-    for (int64_t b = lo; b < hi; ++b) {
-      const int64_t i0 = b * block, B = std::min(rows, i0 + block) - i0;
-      if (tall) {
-        // rows i0.. of G, W (row-major B x N), of Mo (B x r); R row-major B x r
-        const float* A = G + i0 * cols;
-        float* W = P + i0 * cols;
-        float* Mb = Mo + i0 * r;
-        gemm('N', 'N', r, B, cols, 1.f, Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
-        for (int64_t i = 0; i < B; ++i) {
-          const float* a = A + i * cols;
-          float d = 1.f;
-          if (has_v) {
-            const float vi = vd * V[i0 + i] + vg * square_sum(a, cols);
-            V[i0 + i] = vi;
-            d = std::sqrt(vi) + e;
-          }
-          float* mo = Mb + i * r;
-          float* x = R.data() + i * r;
+// Block b of a prepared matrix (R, D: scratch, grown as needed).
+void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<float>& D) {
+  const int64_t r = t.r, cols = t.cols, n = t.n;
+  const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
+  if (static_cast<int64_t>(R.size()) < t.block * r) R.resize(t.block * r);
+  if (static_cast<int64_t>(D.size()) < t.block) D.resize(t.block);
+  const int64_t i0 = b * t.block, B = std::min(t.rows, i0 + t.block) - i0;
+  float* V = t.V;
+  if (t.tall) {
+    // rows i0.. of G, W (row-major B x N), of Mo (B x r); R row-major B x r
+    const float* A = t.G + i0 * cols;
+    float* W = t.P + i0 * cols;
+    float* Mb = t.Mo + i0 * r;
+    gemm('N', 'N', r, B, cols, 1.f, t.Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
+    for (int64_t i = 0; i < B; ++i) {
+      const float* a = A + i * cols;
+      float d = 1.f;
+      if (t.has_v) {
+        const float vi = vd * V[i0 + i] + vg * square_sum(a, cols);
+        V[i0 + i] = vi;
+        d = std::sqrt(vi) + e;
+      }
+      float* mo = Mb + i * r;
+      float* x = R.data() + i * r;
 #pragma omp simd
-          for (int64_t j = 0; j < r; ++j) {
-            const float mj = b1 * mo[j] + c1 * x[j];
-            mo[j] = mj;
-            x[j] = (mj - x[j]) / d;
-          }
-          float* w = W + i * cols;
+      for (int64_t j = 0; j < r; ++j) {
+        const float mj = b1 * mo[j] + c1 * x[j];
+        mo[j] = mj;
+        x[j] = (mj - x[j]) / d;
+      }
+      float* w = W + i * cols;
 #pragma omp simd
-          for (int64_t j = 0; j < cols; ++j) w[j] = (w[j] - st * (a[j] / d)) * dc;
-        }
-        gemm('T', 'N', cols, B, r, alpha, Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
+      for (int64_t j = 0; j < cols; ++j) w[j] = (w[j] - st * (a[j] / d)) * dc;
+    }
+    gemm('T', 'N', cols, B, r, t.alpha, t.Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
+    return;
+  }
+  // columns i0.. of G, W (m x B, row stride n), of Mo (r x B, row stride n); R row-major r x B
+  const float* A = t.G + i0;
+  float* W = t.P + i0;
+  float* Mb = t.Mo + i0;
+  gemm('N', 'T', B, r, cols, 1.f, A, n, t.Q, r, 0.f, R.data(), B);  // R^T = Q^T G[:, block]
+  if (t.has_v) {
+    for (int64_t j = 0; j < B; ++j) D[j] = 0.f;
+    for (int64_t k = 0; k < cols; ++k) {
+      const float* a = A + k * n;
+#pragma omp simd
+      for (int64_t j = 0; j < B; ++j) D[j] += a[j] * a[j];
+    }
+    for (int64_t j = 0; j < B; ++j) {
+      const float vj = vd * V[i0 + j] + vg * D[j];
+      V[i0 + j] = vj;
+      D[j] = std::sqrt(vj) + e;
+    }
+  } else {
+    for (int64_t j = 0; j < B; ++j) D[j] = 1.f;
+  }
+  const float* __restrict Dp = D.data();
+  for (int64_t k = 0; k < r; ++k) {
+    float* mo = Mb + k * n;
+    float* x = R.data() + k * B;
+#pragma omp simd
+    for (int64_t j = 0; j < B; ++j) {
+      const float mj = b1 * mo[j] + c1 * x[j];
+      mo[j] = mj;
+      x[j] = (mj - x[j]) / Dp[j];
+    }
+  }
+  for (int64_t k = 0; k < cols; ++k) {
+    const float* a = A + k * n;
+    float* w = W + k * n;
+#pragma omp simd
+    for (int64_t j = 0; j < B; ++j) w[j] = (w[j] - st * (a[j] / Dp[j])) * dc;
+  }
+  gemm('N', 'N', B, cols, r, t.alpha, R.data(), B, t.Q, r, 1.f, W, n);  // W[:, block] += alpha Q X^T
+}
+
+}  // namespace
+
+void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
+             double beta1, double v_decay, double v_gain, double eps, double step, double decay, int64_t block_rows) {
+  const SmTask t = prepare_sm(p, g, mom, q, v, m, n, beta1, v_decay, v_gain, eps, step, decay, block_rows);
+  at::parallel_for(0, t.blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> R, D;
+    for (int64_t b = lo; b < hi; ++b) run_block(t, b, R, D);
+  });
+}
+
+// One step of everything on the fast path, in one parallel region: `whole` tensors
+// (sn_step, memory-bound; coefficients per tensor: beta1, v_decay, v_gain, eps, step,
+// decay) and subspace matrices (sm_step, their GEMMs compute-bound; the same six plus m,
+// n). Pieces of the first (about 2^16 elements, whole rows) and blocks of the second
+// sit in two queues; thread 0 drains the memory-bound queue first, the other threads
+// the compute-bound one, then each helps with the other. On a few cores a streaming
+// pass does not need every core to reach the memory bandwidth, so the GEMMs run
+// beside it instead of after it.
+void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> m,
+                std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len,
+                std::vector<double> coef, std::vector<at::Tensor> sp, std::vector<at::Tensor> sg,
+                std::vector<at::Tensor> smom, std::vector<at::Tensor> sq, std::vector<at::Tensor> sv,
+                std::vector<int64_t> shape, std::vector<double> scoef) {
+  constexpr int64_t kPiece = 1 << 16;
+  const size_t nw = p.size(), ns = sp.size();
+  TORCH_CHECK(g.size() == nw && m.size() == nw && v.size() == nw && layout.size() == nw && row_len.size() == nw &&
+                  coef.size() == 6 * nw,
+              "fused_step: every whole-tensor list must hold one entry per tensor (six coefficients each)");
+  TORCH_CHECK(sg.size() == ns && smom.size() == ns && sq.size() == ns && sv.size() == ns && shape.size() == 2 * ns &&
+                  scoef.size() == 6 * ns,
+              "fused_step: every subspace list must hold one entry per matrix (two sizes, six coefficients each)");
+  std::vector<SnTask> whole;
+  whole.reserve(nw);
+  for (size_t i = 0; i < nw; ++i) {
+    const double* c = coef.data() + 6 * i;
+    whole.push_back(prepare(p[i], g[i], m[i], v[i], layout[i], row_len[i], c[0], c[1], c[2], true, c[3], c[4], c[5]));
+  }
+  std::vector<SmTask> subspace;
+  subspace.reserve(ns);
+  for (size_t i = 0; i < ns; ++i) {
+    const double* c = scoef.data() + 6 * i;
+    subspace.push_back(prepare_sm(sp[i], sg[i], smom[i], sq[i], sv[i], shape[2 * i], shape[2 * i + 1], c[0], c[1],
+                                  c[2], c[3], c[4], c[5], 0));
+  }
+  struct Piece {
+    const SnTask* task;
+    int64_t lo, hi;
+  };
+  std::vector<Piece> pieces;
+  for (const SnTask& t : whole) {
+    const int64_t per = std::max<int64_t>(1, kPiece / t.unit_len);
+    for (int64_t lo = 0; lo < t.units; lo += per) pieces.push_back({&t, lo, std::min(t.units, lo + per)});
+  }
+  std::vector<std::pair<const SmTask*, int64_t>> blocks;
+  for (const SmTask& t : subspace)
+    for (int64_t b = 0; b < t.blocks; ++b) blocks.emplace_back(&t, b);
+  const int64_t n_pieces = pieces.size(), n_blocks = blocks.size();
+  std::atomic<int64_t> next_piece{0}, next_block{0};
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> R, D;
+    auto stream = [&] {
+      for (int64_t i; (i = next_piece.fetch_add(1)) < n_pieces;) run(*pieces[i].task, pieces[i].lo, pieces[i].hi);
+    };
+    auto compute = [&] {
+      for (int64_t i; (i = next_block.fetch_add(1)) < n_blocks;) run_block(*blocks[i].first, blocks[i].second, R, D);
+    };
+    for (int64_t k = lo; k < hi; ++k) {
+      if (k == 0) {
+        stream();
+        compute();
       } else {
-        // columns i0.. of G, W (m x B, row stride n), of Mo (r x B, row stride n); R row-major r x B
-        const float* A = G + i0;
-        float* W = P + i0;
-        float* Mb = Mo + i0;
-        gemm('N', 'T', B, r, cols, 1.f, A, n, Q, r, 0.f, R.data(), B);  // R^T = Q^T G[:, block]
-        if (has_v) {
-          for (int64_t j = 0; j < B; ++j) D[j] = 0.f;
-          for (int64_t k = 0; k < cols; ++k) {
-            const float* a = A + k * n;
-#pragma omp simd
-            for (int64_t j = 0; j < B; ++j) D[j] += a[j] * a[j];
-          }
-          for (int64_t j = 0; j < B; ++j) {
-            const float vj = vd * V[i0 + j] + vg * D[j];
-            V[i0 + j] = vj;
-            D[j] = std::sqrt(vj) + e;
-          }
-        } else {
-          for (int64_t j = 0; j < B; ++j) D[j] = 1.f;
-        }
-        const float* __restrict Dp = D.data();
-        for (int64_t k = 0; k < r; ++k) {
-          float* mo = Mb + k * n;
-          float* x = R.data() + k * B;
-#pragma omp simd
-          for (int64_t j = 0; j < B; ++j) {
-            const float mj = b1 * mo[j] + c1 * x[j];
-            mo[j] = mj;
-            x[j] = (mj - x[j]) / Dp[j];
-          }
-        }
-        for (int64_t k = 0; k < cols; ++k) {
-          const float* a = A + k * n;
-          float* w = W + k * n;
-#pragma omp simd
-          for (int64_t j = 0; j < B; ++j) w[j] = (w[j] - st * (a[j] / Dp[j])) * dc;
-        }
-        gemm('N', 'N', B, cols, r, alpha, R.data(), B, Q, r, 1.f, W, n);  // W[:, block] += alpha Q X^T
+        compute();
+        stream();
       }
     }
   });
@@ -429,7 +487,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "snsm fused Subset-Norm CPU kernel";
   module.def("sn_step", &sn_step, "fused Subset-Norm step (in place)");
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
-  module.def("sn_step_many", &sn_step_many, "sn_step for a list of tensors (in place)");
+  module.def("fused_step", &fused_step, "sn_step and sm_step for lists of tensors in one parallel region (in place)");
   module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
   module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)",
              py::arg("p"), py::arg("g"), py::arg("mom"), py::arg("q"), py::arg("v"), py::arg("m"), py::arg("n"),
