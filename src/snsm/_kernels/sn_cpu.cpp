@@ -73,7 +73,7 @@ struct SnTask {
   float* V;
   bool has_m, has_v, update_v;
   int64_t layout, row_len, units, unit_len;
-  std::vector<float> denom;  // layout 2: sqrt(v_j) + eps per column
+  std::vector<float> denom;  // layout 2: step / (sqrt(v_j) + eps) per column
   float b1, c1, vd, vg, e, st, dc;
 };
 
@@ -110,7 +110,7 @@ SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t l
   TORCH_CHECK(v.numel() == row_len, "exp_avg_sq must hold one value per column");
   if (update_v) sn_accumulate(g, v, 2, row_len, v_decay, v_gain);
   t.denom.resize(row_len);
-  for (int64_t j = 0; j < row_len; ++j) t.denom[j] = std::sqrt(t.V[j]) + t.e;
+  for (int64_t j = 0; j < row_len; ++j) t.denom[j] = t.st / (std::sqrt(t.V[j]) + t.e);
   return t;
 }
 
@@ -175,26 +175,26 @@ void run(const SnTask& t, int64_t lo, int64_t hi) {
         vi = vd * vi + vg * square_sum(g_, len);
         t.V[i] = vi;
       }
-      const float d = std::sqrt(vi) + e;
+      const float sd = st / (std::sqrt(vi) + e);  // one division per row, not per element
       if (has_m) {
         float* __restrict m_ = t.M + off;
         momentum_row(m_, g_, len, b1, c1);
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (m_[j] / d)) * dc;
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - sd * m_[j]) * dc;
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / d)) * dc;
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - sd * g_[j]) * dc;
       }
     } else {  // one subset per column
-      const float* __restrict D = t.denom.data();
+      const float* __restrict SD = t.denom.data();
       if (has_m) {
         float* __restrict m_ = t.M + off;
         momentum_row(m_, g_, len, b1, c1);
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (m_[j] / D[j])) * dc;
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - SD[j] * m_[j]) * dc;
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - st * (g_[j] / D[j])) * dc;
+        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - SD[j] * g_[j]) * dc;
       }
     }
   }
@@ -342,11 +342,11 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     gemm('N', 'N', r, B, cols, 1.f, t.Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
     for (int64_t i = 0; i < B; ++i) {
       const float* a = A + i * cols;
-      float d = 1.f;
+      float inv = 1.f;  // 1 / D_i
       if (t.has_v) {
         const float vi = vd * V[i0 + i] + vg * square_sum(a, cols);
         V[i0 + i] = vi;
-        d = std::sqrt(vi) + e;
+        inv = 1.f / (std::sqrt(vi) + e);
       }
       float* mo = Mb + i * r;
       float* x = R.data() + i * r;
@@ -354,11 +354,12 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
       for (int64_t j = 0; j < r; ++j) {
         const float mj = b1 * mo[j] + c1 * x[j];
         mo[j] = mj;
-        x[j] = (mj - x[j]) / d;
+        x[j] = (mj - x[j]) * inv;
       }
       float* w = W + i * cols;
+      const float sd = st * inv;
 #pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) w[j] = (w[j] - st * (a[j] / d)) * dc;
+      for (int64_t j = 0; j < cols; ++j) w[j] = (w[j] - sd * a[j]) * dc;
     }
     gemm('T', 'N', cols, B, r, t.alpha, t.Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
     return;
@@ -378,7 +379,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     for (int64_t j = 0; j < B; ++j) {
       const float vj = vd * V[i0 + j] + vg * D[j];
       V[i0 + j] = vj;
-      D[j] = std::sqrt(vj) + e;
+      D[j] = 1.f / (std::sqrt(vj) + e);  // 1 / D_j
     }
   } else {
     for (int64_t j = 0; j < B; ++j) D[j] = 1.f;
@@ -391,14 +392,15 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     for (int64_t j = 0; j < B; ++j) {
       const float mj = b1 * mo[j] + c1 * x[j];
       mo[j] = mj;
-      x[j] = (mj - x[j]) / Dp[j];
+      x[j] = (mj - x[j]) * Dp[j];
     }
   }
+  for (int64_t j = 0; j < B; ++j) D[j] *= st;  // step / D_j
   for (int64_t k = 0; k < cols; ++k) {
     const float* a = A + k * n;
     float* w = W + k * n;
 #pragma omp simd
-    for (int64_t j = 0; j < B; ++j) w[j] = (w[j] - st * (a[j] / Dp[j])) * dc;
+    for (int64_t j = 0; j < B; ++j) w[j] = (w[j] - Dp[j] * a[j]) * dc;
   }
   gemm('N', 'N', B, cols, r, t.alpha, R.data(), B, t.Q, r, 1.f, W, n);  // W[:, block] += alpha Q X^T
 }
