@@ -191,3 +191,26 @@ def test_one_pass_subspace_step_matches_reference_across_blocks(name, refresh, m
     for p, q in zip(mf.parameters(), mr.parameters()):
         for k, t in of.state[p].items():
             assert torch.allclose(t.float(), orf.state[q][k].float(), rtol=1e-4, atol=1e-6), k
+
+
+class _Basic(_Spy):
+    """The kernel module as a kernel with only ``sn_step`` / ``sn_accumulate`` looks (the Triton one)."""
+
+    def __getattr__(self, name):
+        if name not in ("sn_step", "sn_accumulate"):
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize("name", ["AdamWSN", "AdamWSNSM", "SGDSM"])
+def test_a_kernel_without_the_one_call_entry_point_steps_tensor_by_tensor(name, monkeypatch):
+    """What the CUDA path does with the Triton kernel: every whole tensor through ``sn_step``, subspace
+    matrices through the unfused form; the same trajectory as the reference path."""
+    basic = _Basic(cpu_kernel())
+    monkeypatch.setattr(fused, "kernel_for", lambda device: basic)
+    mf, _ = run(name, True)
+    assert len(basic.calls["sn_step"]) > 0 and "fused_step" not in basic.calls
+    monkeypatch.undo()
+    mr, _ = run(name, False)
+    for (key, a), b in zip(mf.named_parameters(), mr.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key

@@ -133,6 +133,26 @@ def peak_step_bytes(model, opt) -> int:
     return int(sum(per_device["Total"] for per_device in snapshot.values()))
 
 
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def _progress(total: int, name: str):
+    """A tqdm bar over the interleaved steps (on stderr), or nothing where tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=f"timing {name}", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
 def time_steps(opt, n: int):
     out = []
     for _ in range(n):
@@ -152,11 +172,13 @@ def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int,
         times[label] = []
     # interleave blocks; a subspace row runs `cycles` full proj_gap cycles in total
     total = max(gap * cycles, block)
-    for start in range(0, total, block):
-        for label, opt in opts.items():
-            if "reference" in label and len(times[label]) >= reference_steps:
-                continue
-            times[label] += time_steps(opt, block)
+    with _progress(total, name) as bar:
+        for start in range(0, total, block):
+            for label, opt in opts.items():
+                if "reference" in label and len(times[label]) >= reference_steps:
+                    continue
+                times[label] += time_steps(opt, block)
+            bar.update(min(block, total - start))
     base_fused = statistics.median(times["AdamW fused"])
     base_foreach = statistics.median(times["AdamW foreach"])
     rows = []
@@ -219,7 +241,6 @@ def main(argv=None) -> int:
                  f"models: {', '.join(SHAPES)}")
     rows = []
     for name in models:
-        logger.info("timing %s ...", name)
         rows += run_model(name, selected, args.rank, args.proj_gap, args.block, args.cycles, args.reference_steps)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +251,7 @@ def main(argv=None) -> int:
     text = table(rows)
     (out / "speed.md").write_text(f"`{meta['command']}` (torch {torch.__version__}, {args.threads} threads)\n\n{text}\n")
     print(text)
+    logger.info("wrote %s and %s", out / "speed.md", out / "speed.json")
     return 0
 
 
