@@ -24,6 +24,12 @@ parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
 partitions build the numerator once in a scratch buffer and apply it with the
 kernel. State layout is identical to the reference path, so checkpoints move
 between paths.
+
+A step makes one kernel call for all of it (:func:`fused_steps_`, every group
+at once): the parameters taken whole and the one-pass subspace matrices go
+together to the C++ ``fused_step``, which runs the memory-bound passes and the
+GEMM blocks side by side on the threads; only projector refreshes and the
+subspace steps it does not take run in Python.
 """
 from __future__ import annotations
 
@@ -41,22 +47,23 @@ __all__ = ["supports", "kernel_for", "sn_step_fused_", "fused_steps_"]
 _EMPTY = torch.empty(0)
 
 
+_CPU_KERNEL = []  # the CPU kernel, once it has been asked for and built
+
+
 def kernel_for(device: torch.device):
     """The fused kernel for tensors on ``device``: the C++ module on CPU, the Triton kernels on CUDA
-    (both expose ``sn_step`` and ``sn_accumulate`` with one signature), or ``None``."""
-    if device.type == "cpu" and _CPU_KERNEL:
-        return _CPU_KERNEL[0]
+    (both expose ``sn_step`` and ``sn_accumulate`` with one signature; the C++ one also ``sm_step``
+    and ``fused_step``), or ``None``."""
     if device.type == "cpu":
-        k = cpu_kernel()
-        if k is not None:
+        if not _CPU_KERNEL:
+            k = cpu_kernel()
+            if k is None:
+                return None
             _CPU_KERNEL.append(k)
-        return k
+        return _CPU_KERNEL[0]
     if device.type == "cuda" and triton_sn.available():
         return triton_sn
     return None
-
-
-_CPU_KERNEL = []  # the CPU kernel, once it has been asked for and built
 
 
 def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
