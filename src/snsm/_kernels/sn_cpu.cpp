@@ -12,6 +12,8 @@
 //
 // sm_step: the whole Subspace-Momentum step of one dense-basis matrix in one
 // pass, block by block of the tall frame's rows (see its comment below).
+// fused_step: both for lists of tensors in one parallel region, the memory-bound
+// passes beside the compute-bound GEMM blocks (what the optimizer calls once a step).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
