@@ -214,3 +214,32 @@ def test_a_kernel_without_the_one_call_entry_point_steps_tensor_by_tensor(name, 
     mr, _ = run(name, False)
     for (key, a), b in zip(mf.named_parameters(), mr.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.skipif(cpu_kernel() is None or not cpu_kernel().sm_step_available(), reason="no BLAS for sm_step")
+def test_one_call_step_is_the_same_on_one_thread():
+    """fused_step's two queues on one thread (it streams, then computes) give the trajectory of the
+    default thread count."""
+    def trajectory():
+        torch.manual_seed(0)
+        m = nn.ModuleDict(dict(tall=nn.Linear(40, 700, bias=False), wide=nn.Linear(600, 30, bias=False),
+                               emb=nn.Embedding(3000, 40)))
+        groups = [{"params": [m["tall"].weight, m["wide"].weight]},
+                  {"params": [m["emb"].weight], "rank": None, "subset_size": None}]
+        opt = snsm.AdamWSNSM(groups, lr=1e-2, rank=5, proj_gap=3)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in m.parameters()]
+
+    threads = torch.get_num_threads()
+    default = trajectory()
+    try:
+        torch.set_num_threads(1)
+        single = trajectory()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(default, single):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
