@@ -58,7 +58,7 @@ def test_svd_and_randomized_find_the_top_subspace(proj, shape):
 @pytest.mark.parametrize("shape", [(4096, 256), (256, 4096), (256, 256), (688, 256), (256, 688)])
 def test_svd_of_a_large_matrix_goes_through_its_gram_matrix(shape, monkeypatch):
     g = spiked(*shape)
-    assert max(shape) >= sm.GRAM_MIN_ASPECT * min(shape) and g.numel() >= sm.GRAM_MIN_ELEMENTS
+    assert g.numel() >= sm.GRAM_MIN_ELEMENTS
     calls, eigh = [], torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda x: calls.append(x.shape) or eigh(x))
     q = sm.build_projector("svd", g, 4)

@@ -13,7 +13,7 @@ tall frame). With ``D`` the per-row denominator ``sqrt(v) + eps``:
     \frac{A + (M - R) Q^T}{D} = \frac{A}{D} + \Bigl(\frac{M - R}{D}\Bigr) Q^T
 
 and every row of the tall frame is independent of the others. On CPU, with a
-dense basis, the kernel's ``sm_step`` therefore takes the whole step block by
+dense basis, the kernel's one-pass step therefore takes the whole step block by
 block of rows: ``R = A Q`` for the block, ``v``, ``M``, ``X = (M - R) / D``,
 ``W <- (W - s A / D) decay`` and the rank-r ``W -= s decay X Q^T``, while the
 block is in cache (``G`` and ``W`` read once, ``W`` written once; the two small
@@ -47,20 +47,12 @@ __all__ = ["supports", "kernel_for", "sn_step_fused_", "fused_steps_"]
 _EMPTY = torch.empty(0)
 
 
-_CPU_KERNEL = []  # the CPU kernel, once it has been asked for and built
-
-
 def kernel_for(device: torch.device):
     """The fused kernel for tensors on ``device``: the C++ module on CPU, the Triton kernels on CUDA
-    (both expose ``sn_step`` and ``sn_accumulate`` with one signature; the C++ one also ``sm_step``
-    and ``fused_step``), or ``None``."""
+    (both expose ``sn_step`` and ``sn_accumulate`` with one signature; the C++ one also
+    ``fused_step``), or ``None``."""
     if device.type == "cpu":
-        if not _CPU_KERNEL:
-            k = cpu_kernel()
-            if k is None:
-                return None
-            _CPU_KERNEL.append(k)
-        return _CPU_KERNEL[0]
+        return cpu_kernel()
     if device.type == "cuda" and triton_sn.available():
         return triton_sn
     return None
@@ -94,7 +86,7 @@ def aligned(layout: Optional[SubsetLayout]) -> bool:
 
 
 def _one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:
-    """Whether the kernel's one-pass ``sm_step`` takes this subspace step: a dense basis, subsets that
+    """Whether the kernel's one-pass subspace step takes this one: a dense basis, subsets that
     are the rows of the tall frame (or no second moment), contiguous state and a BLAS to call."""
     return (
         getattr(k, "sm_step_available", None) is not None
@@ -124,7 +116,7 @@ def sn_step_fused_(
 
 class _Batch:
     """One kernel's arguments for a step, as lists: whole tensors (``sn_step``) and subspace matrices
-    taken in one pass (``sm_step``), with six coefficients each
+    taken in one pass, with six coefficients each
     (beta1, v_decay, v_gain, eps, step size, decay)."""
 
     def __init__(self):
@@ -206,7 +198,7 @@ def fused_steps_(items, *, scratch) -> None:
 def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
                    layout, subspace, warn, scratch) -> None:
     """One parameter's subspace-momentum step the one-pass kernel does not take (a row selection, subsets
-    across rows, a kernel without ``sm_step``); its step counter already moved."""
+    across rows, a kernel without the one-pass step); its step counter already moved."""
     from .optimizer import _refresh_projector
 
     is_tall = subspace.is_tall

@@ -10,8 +10,8 @@
 // runs of `row_len` elements), 2 columns (p viewed as rows x row_len, one subset
 // per column).
 //
-// sm_step: the whole Subspace-Momentum step of one dense-basis matrix in one
-// pass, block by block of the tall frame's rows (see its comment below).
+// The one-pass Subspace-Momentum step of a dense-basis matrix, block by block of the
+// tall frame's rows (see its comment below).
 // fused_step: both for lists of tensors in one parallel region, the memory-bound
 // passes beside the compute-bound GEMM blocks (what the optimizer calls once a step).
 #include <torch/extension.h>
@@ -22,8 +22,8 @@
 #include <vector>
 
 // The BLAS that torch's CPU build exports (MKL or OpenBLAS, Fortran interface). Weak:
-// where a build has none, sm_step is reported unavailable and the caller takes the
-// unfused path.
+// where a build has none, sm_step_available() is false and the caller takes the
+// unfused subspace step.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
@@ -273,7 +273,7 @@ bool sm_step_available() { return sgemm_ != nullptr; }
 
 namespace {
 
-// One matrix's sm_step, checked and ready to run block by block.
+// One matrix's one-pass subspace step, checked and ready to run block by block.
 struct SmTask {
   float* P;
   const float* G;
@@ -286,9 +286,8 @@ struct SmTask {
 };
 
 SmTask prepare_sm(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
-                  double beta1, double v_decay, double v_gain, double eps, double step, double decay,
-                  int64_t block_rows) {
-  TORCH_CHECK(sm_step_available(), "sm_step: no BLAS in this torch build");
+                  double beta1, double v_decay, double v_gain, double eps, double step, double decay) {
+  TORCH_CHECK(sm_step_available(), "one-pass subspace step: no BLAS in this torch build");
   TORCH_CHECK(m > 0 && n > 0 && p.numel() == m * n, "param must hold the m x n matrix it is stepped as");
   SmTask t;
   t.tall = m >= n;
@@ -315,16 +314,12 @@ SmTask prepare_sm(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::
   t.alpha = -step * decay;
   // About 256 KiB of gradient per block (a block's G and W stay in L2 through both GEMMs), in a
   // number of blocks that the threads share evenly
-  int64_t block = block_rows;
-  if (block <= 0) {
-    const int64_t target = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(t.cols, 1), 16, 512);
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    int64_t count = (t.rows + target - 1) / target;
-    if (t.rows >= 16 * threads) count = (count + threads - 1) / threads * threads;
-    block = (t.rows + count - 1) / count;
-  }
-  t.block = block;
-  t.blocks = (t.rows + block - 1) / block;
+  const int64_t target = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(t.cols, 1), 16, 512);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t count = (t.rows + target - 1) / target;
+  if (t.rows >= 16 * threads) count = (count + threads - 1) / threads * threads;
+  t.block = (t.rows + count - 1) / count;
+  t.blocks = (t.rows + t.block - 1) / t.block;
   return t;
 }
 
@@ -409,18 +404,9 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
 
 }  // namespace
 
-void sm_step(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
-             double beta1, double v_decay, double v_gain, double eps, double step, double decay, int64_t block_rows) {
-  const SmTask t = prepare_sm(p, g, mom, q, v, m, n, beta1, v_decay, v_gain, eps, step, decay, block_rows);
-  at::parallel_for(0, t.blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> R, D;
-    for (int64_t b = lo; b < hi; ++b) run_block(t, b, R, D);
-  });
-}
-
 // One step of everything on the fast path, in one parallel region: `whole` tensors
 // (sn_step, memory-bound; coefficients per tensor: beta1, v_decay, v_gain, eps, step,
-// decay) and subspace matrices (sm_step, their GEMMs compute-bound; the same six plus m,
+// decay) and subspace matrices (the one-pass step, its GEMMs compute-bound; the same six plus m,
 // n). Pieces of the first (about 2^16 elements, whole rows) and blocks of the second
 // sit in two queues; thread 0 drains the memory-bound queue first, the other threads
 // the compute-bound one, then each helps with the other. On a few cores a streaming
@@ -450,7 +436,7 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
   for (size_t i = 0; i < ns; ++i) {
     const double* c = scoef.data() + 6 * i;
     subspace.push_back(prepare_sm(sp[i], sg[i], smom[i], sq[i], sv[i], shape[2 * i], shape[2 * i + 1], c[0], c[1],
-                                  c[2], c[3], c[4], c[5], 0));
+                                  c[2], c[3], c[4], c[5]));
   }
   struct Piece {
     const SnTask* task;
@@ -491,11 +477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "snsm fused Subset-Norm CPU kernel";
   module.def("sn_step", &sn_step, "fused Subset-Norm step (in place)");
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
-  module.def("fused_step", &fused_step, "sn_step and sm_step for lists of tensors in one parallel region (in place)");
-  module.def("sm_step_available", &sm_step_available, "whether sm_step has a BLAS to call");
-  module.def("sm_step", &sm_step, "fused Subspace-Momentum step of one dense-basis matrix (in place)",
-             py::arg("p"), py::arg("g"), py::arg("mom"), py::arg("q"), py::arg("v"), py::arg("m"), py::arg("n"),
-             py::arg("beta1"),
-             py::arg("v_decay"), py::arg("v_gain"), py::arg("eps"), py::arg("step"), py::arg("decay"),
-             py::arg("block_rows") = 0);
+  module.def("fused_step", &fused_step,
+             "sn_step and the one-pass subspace step for lists of tensors in one parallel region (in place)");
+  module.def("sm_step_available", &sm_step_available, "whether the one-pass subspace step has a BLAS to call");
 }
