@@ -172,9 +172,37 @@ def reshard_load(ckpt_root):
     return res
 
 
+def unusable():
+    """The sharded usable-gradient check agrees on every rank with the check on the whole matrix,
+    whichever rank holds the NaN, the inf or the only nonzero entry (and for a rank holding no rows)."""
+    from snsm import distributed, subspace
+
+    res = {}
+    for rows in (7, 1):  # uneven shards; one row over 2 ranks leaves a rank empty
+        for case in ("random", "zero", "one nonzero", "nan", "inf", "-inf"):
+            for where in range(rows):
+                full_g = torch.randn(rows, 5, generator=torch.Generator().manual_seed(where))
+                if case != "random":
+                    value = {"zero": 0.0, "one nonzero": 1e-30, "nan": float("nan"), "inf": float("inf"),
+                             "-inf": float("-inf")}[case]
+                    if case in ("zero", "one nonzero"):
+                        full_g.zero_()
+                    full_g[where, 3] = value
+                p = fully_shard(nn.Linear(5, rows, bias=False), mesh=MESH).weight
+                shard = distributed.row_sharding(p)
+                local = full_g[shard.start:shard.start + shard.count]
+                got = distributed._usable(local, shard)
+                agreed = [None] * WORLD
+                dist.all_gather_object(agreed, got)
+                res[f"{rows} rows, {case} at row {where}"] = (
+                    len(set(agreed)) == 1 and got == subspace._usable(full_g)
+                    and got == (case in ("random", "one nonzero")))
+    return res
+
+
 if __name__ == "__main__":
     scenario, out = sys.argv[1], sys.argv[2]
-    results = {"parity": parity, "ddp": ddp}.get(scenario)
+    results = {"parity": parity, "ddp": ddp, "unusable": unusable}.get(scenario)
     results = results() if results else (dcp_resume(sys.argv[3]) if scenario == "dcp" else reshard_load(sys.argv[3]))
     if RANK == 0:
         with open(out, "w") as f:

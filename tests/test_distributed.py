@@ -40,6 +40,12 @@ def test_fsdp2_matches_unsharded_training(tmp_path):
     assert not failures(results)
 
 
+def test_sharded_usable_gradient_check_agrees_with_the_whole_matrix(tmp_path):
+    results = run("unusable", 2, tmp_path)
+    assert len(results) == 6 * 8  # 6 cases, each with the odd entry in each of 7 rows, then in a 1-row matrix
+    assert not failures(results), failures(results)
+
+
 def test_ddp_matches_single_process(tmp_path):
     results = run("ddp", 2, tmp_path)
     assert results and not failures(results)

@@ -48,3 +48,28 @@ def test_speed_rejects_unknown_rows_and_models():
         speed.main(["--optimizers", "AdamWSNX"])
     with pytest.raises(SystemExit):
         speed.main(["--models", "llama_7b"])
+
+
+def test_speed_rejects_a_device_it_cannot_time_on():
+    with pytest.raises(SystemExit):
+        speed.main(["--models", "llama_20m", "--device", "meta"])
+    with pytest.raises(SystemExit):
+        speed.main(["--models", "llama_20m", "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            speed.main(["--models", "llama_20m", "--device", "cuda"])
+
+
+def test_steps_on_cuda_are_timed_between_device_synchronisations(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    speed._synchronizer(torch.device("cuda", 0))()
+    assert calls == [torch.device("cuda", 0)]
+    speed._synchronizer(torch.device("cpu"))()
+    assert len(calls) == 1
+
+
+def test_llama_like_gives_the_same_gradients_on_any_device():
+    a, b = speed.llama_like("llama_20m"), speed.llama_like("llama_20m", torch.device("cpu"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)

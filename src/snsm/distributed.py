@@ -137,10 +137,18 @@ def _all_reduce(t: torch.Tensor, shard: RowShard, op=dist.ReduceOp.SUM) -> torch
 
 
 def _usable(g_local: torch.Tensor, shard: RowShard) -> bool:
-    """All-zero or non-finite anywhere (on any rank) makes a gradient unusable for a projector."""
-    flags = torch.stack([(~torch.isfinite(g_local)).sum().float(), g_local.abs().amax() if g_local.numel() else
-                         g_local.new_zeros(())]).float()
-    # max-reduce: any rank's non-finite count, the global max magnitude
+    """All-zero or non-finite anywhere (on any rank) makes a gradient unusable for a projector.
+
+    Each rank takes its rows' smallest and largest entry in one reduction (as
+    :func:`snsm.subspace._usable` does), then one max-reduce of two flags: whether
+    any rank saw a non-finite entry, and the largest magnitude anywhere. A rank
+    holding no rows contributes neither."""
+    if g_local.numel():
+        lo, hi = torch.aminmax(g_local)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        flags = torch.stack([(~finite).float(), torch.where(finite, torch.maximum(lo.abs(), hi.abs()), 0.0).float()])
+    else:
+        flags = torch.zeros(2, device=g_local.device)
     _all_reduce(flags, shard, dist.ReduceOp.MAX)
     return bool(flags[0] == 0) and bool(flags[1] > 0)
 

@@ -14,6 +14,9 @@ torch's MemTracker counts them; LAPACK workspace excluded). The row
 ``floor: SM matmuls only`` times just the two rank-r products per subspace
 matrix (:class:`MatmulFloor`): what no float32 subspace step on this machine
 can go below.
+
+``--device cuda`` runs the same table on a GPU (every step timed between two
+``torch.cuda.synchronize()``; the fast path there is the Triton kernel).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ SHAPES = {  # hidden, intermediate, layers, vocab (the GaLore / SN-SM LLaMA conf
 }
 
 
-def llama_like(name: str) -> nn.Module:
+def llama_like(name: str, device="cpu") -> nn.Module:
+    """The parameter shapes of ``name`` on ``device``, each with a fixed random gradient (the same on every device)."""
     h, i, layers, v = SHAPES[name]
     torch.manual_seed(0)
     mods = [nn.Embedding(v, h)]
@@ -46,10 +50,10 @@ def llama_like(name: str) -> nn.Module:
         mods += [nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)]
         mods += [nn.RMSNorm(h), nn.RMSNorm(h)]
     mods += [nn.RMSNorm(h), nn.Linear(h, v, bias=False)]
-    model = nn.ModuleList(mods)
+    model = nn.ModuleList(mods).to(device)
     gen = torch.Generator().manual_seed(1)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device)
     return model
 
 
@@ -78,8 +82,8 @@ class MatmulFloor:
             if p.ndim != 2 or rank >= min(p.shape):
                 continue
             a = p.grad if p.shape[0] >= p.shape[1] else p.grad.T
-            q = torch.linalg.qr(torch.randn(a.shape[1], rank, generator=gen)).Q
-            self.work.append((a, q, torch.empty(a.shape[0], rank), torch.empty(a.shape)))
+            q = torch.linalg.qr(torch.randn(a.shape[1], rank, generator=gen)).Q.to(a.device)
+            self.work.append((a, q, a.new_empty(a.shape[0], rank), a.new_empty(a.shape)))
 
     def step(self):
         for a, q, r, u in self.work:
@@ -153,22 +157,33 @@ def _progress(total: int, name: str):
     return tqdm(total=total, desc=f"timing {name}", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def time_steps(opt, n: int):
+def _synchronizer(device: torch.device):
+    """What makes a step's time its own on ``device``: nothing on CPU, a device synchronisation on CUDA."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_steps(opt, n: int, device="cpu"):
+    sync = _synchronizer(torch.device(device))
     out = []
     for _ in range(n):
+        sync()
         t0 = time.perf_counter()
         opt.step()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
 
-def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int, reference_steps: int):
+def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int, reference_steps: int,
+              device="cpu"):
     factories = configs(rank, gap)
     opts, times, models = {}, {}, {}
     for label in selected:
-        models[label] = llama_like(name)
+        models[label] = llama_like(name, device)
         opts[label] = factories[label](models[label])
-        time_steps(opts[label], 2)  # state creation and the first bases (compiled rows: both graphs)
+        time_steps(opts[label], 2, device)  # state creation and the first bases (compiled rows: both graphs)
         times[label] = []
     # interleave blocks; a subspace row runs `cycles` full proj_gap cycles in total
     total = max(gap * cycles, block)
@@ -177,7 +192,7 @@ def run_model(name: str, selected, rank: int, gap: int, block: int, cycles: int,
             for label, opt in opts.items():
                 if "reference" in label and len(times[label]) >= reference_steps:
                     continue
-                times[label] += time_steps(opt, block)
+                times[label] += time_steps(opt, block, device)
             bar.update(min(block, total - start))
     base_fused = statistics.median(times["AdamW fused"])
     base_foreach = statistics.median(times["AdamW foreach"])
@@ -225,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cycles", type=int, default=1, help="proj_gap cycles timed per subspace row")
     ap.add_argument("--block", type=int, default=20, help="steps per interleaved block")
     ap.add_argument("--reference-steps", type=int, default=20, help="steps timed on the slow reference path")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (the GPU table)")
     ap.add_argument("--out", default="results/speed")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -239,17 +255,27 @@ def main(argv=None) -> int:
     if unknown or bad_models:
         ap.error(f"unknown optimizer rows {unknown} / models {bad_models}; rows: {', '.join(known)}; "
                  f"models: {', '.join(SHAPES)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        ap.error(f"--device {args.device!r}: {err}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     rows = []
     for name in models:
-        rows += run_model(name, selected, args.rank, args.proj_gap, args.block, args.cycles, args.reference_steps)
+        rows += run_model(name, selected, args.rank, args.proj_gap, args.block, args.cycles, args.reference_steps,
+                          device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m snsm.bench.speed " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    meta = dict(command=command.strip(), threads=args.threads, rank=args.rank, proj_gap=args.proj_gap,
-                torch=torch.__version__, rows=rows)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    meta = dict(command=command.strip(), device=str(device), where=where, threads=args.threads, rank=args.rank,
+                proj_gap=args.proj_gap, torch=torch.__version__, rows=rows)
     (out / "speed.json").write_text(json.dumps(meta, indent=1))
     text = table(rows)
-    (out / "speed.md").write_text(f"`{meta['command']}` (torch {torch.__version__}, {args.threads} threads)\n\n{text}\n")
+    (out / "speed.md").write_text(f"`{meta['command']}` (torch {torch.__version__}, {where})\n\n{text}\n")
     print(text)
     logger.info("wrote %s and %s", out / "speed.md", out / "speed.json")
     return 0
