@@ -33,7 +33,7 @@ subspace steps it does not take run in Python.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ from ._kernels import cpu_kernel, triton_sn
 from .distributed import is_dtensor
 from .subset_norm import SubsetLayout
 
-__all__ = ["supports", "kernel_for", "sn_step_fused_", "fused_steps_"]
+__all__ = ["supports", "kernel_for", "kernel_args", "sn_step_fused_", "fused_steps_"]
 
 _EMPTY = torch.empty(0)
 
@@ -114,67 +114,96 @@ def sn_step_fused_(
     fused_steps_([(param, grad, state, options, lr)], scratch=scratch)
 
 
+class KernelArgs(NamedTuple):
+    """What a parameter's fused step hands the kernel besides its tensors and the step's
+    coefficients: fixed by the parameter's plan, so the optimizer computes it once
+    (:func:`kernel_args`) and keeps it with the plan's options under ``"kernel"``."""
+
+    kernel: object  # kernel_for(param.device)
+    kind: int  # kernel layout: 0 coordinate-wise, 1 contiguous rows, 2 columns
+    row_len: int
+    momentum: bool  # a full-size momentum tensor (beta1 > 0 and no subspace)
+    v_decay: float
+    v_gain: float
+
+
+def kernel_args(param: torch.Tensor, options: dict) -> KernelArgs:
+    """:class:`KernelArgs` of ``param`` under its step options (those of :func:`snsm.optimizer.sn_step_`)."""
+    kind, row_len = _kernel_layout(options["layout"])
+    v_decay, v_gain = _second_moment(options["beta2"])
+    momentum = options["beta1"] > 0 and options["subspace"] is None
+    return KernelArgs(kernel_for(param.device), kind, row_len, momentum, v_decay, v_gain)
+
+
 class _Batch:
     """One kernel's arguments for a step, as lists: whole tensors (``sn_step``) and subspace matrices
     taken in one pass, with six coefficients each
-    (beta1, v_decay, v_gain, eps, step size, decay)."""
+    (beta1, v_decay, v_gain, eps, step size, decay), and the step counters to move."""
 
     def __init__(self):
         self.whole = ([], [], [], [], [], [], [])  # p, g, m, v, layout, row_len, coefficients
         self.subspace = ([], [], [], [], [], [], [])  # p, g, exp_avg, proj, v, (m, n), coefficients
+        self.steps = []
 
     def run(self, k) -> None:
         p, g, m, v, kinds, row_lens, coef = self.whole
         if hasattr(k, "fused_step"):
             sp, sg, smom, sq, sv, shape, scoef = self.subspace
-            k.fused_step(p, g, m, v, kinds, row_lens, coef, sp, sg, smom, sq, sv, shape, scoef)
+            k.fused_step(p, g, m, v, kinds, row_lens, coef, sp, sg, smom, sq, sv, shape, scoef, self.steps)
             return
         for i in range(len(p)):  # a kernel without the one-region entry point (Triton): tensor by tensor
             b1, vd, vg, eps, scale, decay = coef[6 * i: 6 * i + 6]
             k.sn_step(p[i], g[i], m[i], v[i], kinds[i], row_lens[i], b1, vd, vg, True, eps, scale, decay)
+        torch._foreach_add_(self.steps, 1.0)
 
 
 def fused_steps_(items, *, scratch) -> None:
     """The fast path for every parameter of a step that takes it: ``items`` are
     ``(param, grad, state, step options but lr, lr)``, from any groups.
 
-    As little Python per parameter as it takes: the step counters move in one
-    multi-tensor add; projector refreshes and subspace steps the one-pass
-    kernel does not take run here; everything else goes to the kernel in one
-    call (:func:`snsm._kernels` ``fused_step``), where memory-bound tensors and
-    compute-bound subspace matrices share the threads.
+    As little Python per parameter as it takes: what the plan fixes comes
+    precomputed (``options["kernel"]``, :func:`kernel_args`); projector
+    refreshes and subspace steps the one-pass kernel does not take run here;
+    everything else goes to the kernel in one call (:func:`snsm._kernels`
+    ``fused_step``), where memory-bound tensors and compute-bound subspace
+    matrices share the threads, and which moves the step counters too (a
+    kernel without that entry point: one multi-tensor add after its passes).
     """
     from .optimizer import _refresh_projector, refresh_due, step_scale
 
-    torch._foreach_add_([item[2]["step"] for item in items], 1.0)
     scales = {}  # (lr, beta1, beta2, bias_correction, step) -> lr * bias correction
     batches = {}  # kernel -> _Batch
     zero_after = []  # momentum that refresh="reference" zeroes once the step has read it
     for param, grad, state, o, lr in items:
+        ka = o.get("kernel") or kernel_args(param, o)
+        k = ka.kernel
         lr = float(lr)
         beta1, beta2 = o["beta1"], o["beta2"]
-        step = int(state["step"].item())
+        step = int(state["step"].item()) + 1  # this step's count; the counter itself moves with the kernel call
         key = (lr, beta1, beta2, o["bias_correction"], step)
         scale = scales.get(key)
         if scale is None:
             scale = scales[key] = step_scale(lr, beta1, beta2, step, o["bias_correction"])
         decay = 1.0 - lr * o["weight_decay"]
-        v_decay, v_gain = _second_moment(beta2)
-        k = kernel_for(param.device)
+        v_decay, v_gain = ka.v_decay, ka.v_gain
         v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
-        layout, subspace = o["layout"], o["subspace"]
+        subspace = o["subspace"]
         g = grad if grad.is_contiguous() else grad.contiguous()
         coef = (beta1, v_decay, v_gain, o["eps"], scale, decay)
         batch = batches.get(k)
         if batch is None:
             batch = batches[k] = _Batch()
+        batch.steps.append(state["step"])
         if subspace is None:
-            kind, row_len = _kernel_layout(layout)
-            for column, value in zip(batch.whole, (param, g, state["exp_avg"] if beta1 > 0 else _EMPTY, v, kind,
-                                                   row_len)):
-                column.append(value)
-            batch.whole[6].extend(coef)
-        elif _one_pass(k, state["proj"], state["exp_avg"], v, beta2, layout):
+            whole = batch.whole
+            whole[0].append(param)
+            whole[1].append(g)
+            whole[2].append(state["exp_avg"] if ka.momentum else _EMPTY)
+            whole[3].append(v)
+            whole[4].append(ka.kind)
+            whole[5].append(ka.row_len)
+            whole[6].extend(coef)
+        elif _one_pass(k, state["proj"], state["exp_avg"], v, beta2, o["layout"]):
             # views only on a refresh step (each costs microseconds, and most steps need none)
             if refresh_due(state, subspace, step) and _refresh_projector(
                     state, g.view(subspace.shape), sm.tall(state["exp_avg"], subspace.is_tall), subspace, step,
@@ -185,10 +214,9 @@ def fused_steps_(items, *, scratch) -> None:
             batch.subspace[5].extend(subspace.shape)
             batch.subspace[6].extend(coef)
         else:
-            kind, row_len = _kernel_layout(layout)
-            _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, beta1=beta1,
-                           beta2=beta2, eps=o["eps"], layout=layout, subspace=subspace, warn=o["warn"],
-                           scratch=scratch)
+            _subspace_step(k, param, g, state, step, scale, decay, v, ka.kind, ka.row_len, v_decay, v_gain,
+                           beta1=beta1, beta2=beta2, eps=o["eps"], layout=o["layout"], subspace=subspace,
+                           warn=o["warn"], scratch=scratch)
     for k, batch in batches.items():
         batch.run(k)
     for mom in zero_after:
@@ -198,7 +226,7 @@ def fused_steps_(items, *, scratch) -> None:
 def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
                    layout, subspace, warn, scratch) -> None:
     """One parameter's subspace-momentum step the one-pass kernel does not take (a row selection, subsets
-    across rows, a kernel without the one-pass step); its step counter already moved."""
+    across rows, a kernel without the one-pass step); its step counter moves with the batch's kernel call."""
     from .optimizer import _refresh_projector
 
     is_tall = subspace.is_tall

@@ -166,6 +166,7 @@ class SubsetNormOptimizer(Optimizer):
         self._warned: set = set()
         self._scratch: dict = {}
         self._plans: dict = {}  # param -> (key, (path, options)), see _planned
+        self._rules: dict = {}  # id(group) -> (group, _group_key(group), rules), see _validated
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- variant hook
@@ -334,13 +335,14 @@ class SubsetNormOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         plan = []
+        index = -1  # a parameter's place among all groups' parameters (its seed, its plan)
         for group in self.param_groups:
-            rules = self._validate_group(group)
             group_key = _group_key(group)
+            rules = self._validated(group, group_key)
             params = []
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -349,16 +351,16 @@ class SubsetNormOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support complex gradients")
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
-                params.append((p, *self._planned(p, group, rules, group_key, index[p])))
+                params.append((p, index, *self._planned(p, group, rules, group_key, index)))
             plan.append((group, rules, params))
         sharded = []  # DTensor steps, run so that their all-reduces overlap with other work
         fast = []  # the fused path's parameters, of every group: one kernel call for them all
         for group, rules, params in plan:
             batch = []
-            for p, path, options in params:
+            for p, index, path, options in params:
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, group, rules, index[p])
+                    self._init_state(p, group, rules, index)
                 if path == "fused":
                     fast.append((p, p.grad, state, options, group["lr"]))
                     continue
@@ -375,6 +377,17 @@ class SubsetNormOptimizer(Optimizer):
             fused.fused_steps_(fast, scratch=self._scratch)
         distributed.run_overlapped(sharded)
         return loss
+
+    def _validated(self, group: dict, group_key: tuple) -> Rules:
+        """:meth:`_validate_group`, again only when the group's options (``_group_key``) change; the
+        learning rate, which schedulers change at every step, is checked every time."""
+        hit = self._rules.get(id(group))
+        if hit is not None and hit[0] is group and hit[1] == group_key:
+            _check_range("lr", group["lr"], 0.0)
+            return hit[2]
+        rules = self._validate_group(group)
+        self._rules[id(group)] = (group, group_key, rules)
+        return rules
 
     def _planned(self, p: torch.Tensor, group: dict, rules: Rules, group_key: tuple, index: int):
         """``(path, step options but lr)`` for ``p``, checked and computed again only when something
@@ -396,6 +409,8 @@ class SubsetNormOptimizer(Optimizer):
         del options["lr"]  # read at every step (schedulers change it)
         if path != "sharded" and group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
             options["rounding_seed"] = group["seed"] * 1_000_003 + index
+        if path == "fused":
+            options["kernel"] = fused.kernel_args(p, options)
         if not compiling:
             self._plans[p] = (key, (path, options))
         return path, options
@@ -459,6 +474,7 @@ class SubsetNormOptimizer(Optimizer):
         """
         super().load_state_dict(state_dict)
         self._plans.clear()
+        self._rules.clear()
         for group in self.param_groups:  # options added since the checkpoint was written take their defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -13,7 +13,8 @@
 // The one-pass Subspace-Momentum step of a dense-basis matrix, block by block of the
 // tall frame's rows (see its comment below).
 // fused_step: both for lists of tensors in one parallel region, the memory-bound
-// passes beside the compute-bound GEMM blocks (what the optimizer calls once a step).
+// passes beside the compute-bound GEMM blocks (what the optimizer calls once a step),
+// and the step counters moved by one; every argument is checked before anything changes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -416,7 +417,7 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
                 std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len,
                 std::vector<double> coef, std::vector<at::Tensor> sp, std::vector<at::Tensor> sg,
                 std::vector<at::Tensor> smom, std::vector<at::Tensor> sq, std::vector<at::Tensor> sv,
-                std::vector<int64_t> shape, std::vector<double> scoef) {
+                std::vector<int64_t> shape, std::vector<double> scoef, std::vector<at::Tensor> steps) {
   constexpr int64_t kPiece = 1 << 16;
   const size_t nw = p.size(), ns = sp.size();
   TORCH_CHECK(g.size() == nw && m.size() == nw && v.size() == nw && layout.size() == nw && row_len.size() == nw &&
@@ -437,6 +438,16 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
     const double* c = scoef.data() + 6 * i;
     subspace.push_back(prepare_sm(sp[i], sg[i], smom[i], sq[i], sv[i], shape[2 * i], shape[2 * i + 1], c[0], c[1],
                                   c[2], c[3], c[4], c[5]));
+  }
+  for (const at::Tensor& t : steps)
+    TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.is_contiguous() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "fused_step: a step counter must be a one-element float32 or float64 CPU tensor");
+  for (at::Tensor& t : steps) {  // every check passed: from here on, the step happens
+    if (t.scalar_type() == at::kFloat)
+      *t.data_ptr<float>() += 1.0f;
+    else
+      *t.data_ptr<double>() += 1.0;
   }
   struct Piece {
     const SnTask* task;
