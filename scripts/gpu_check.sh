@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the fast paths, in one go (about 5 minutes on one H100/H200):
+# The GPU checks of the fast paths, in one go (sized for about 5 minutes on one H100/H200; not yet run on one):
 #   1. tests/test_cuda.py on the GPU: the Triton kernels against the step's definition, every
 #      optimizer's default path against the CPU reference, checkpoints between CUDA and CPU,
 #      bf16 state, a compiled step, no host synchronisation between refreshes;

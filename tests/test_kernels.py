@@ -243,3 +243,32 @@ def test_one_call_step_is_the_same_on_one_thread():
         torch.set_num_threads(threads)
     for a, b in zip(default, single):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernel_moves_step_counters_of_either_float_type():
+    """The one-call step moves every counter it is given by one, float32 or float64 (a checkpoint's)."""
+    m, opt = run("AdamWSNSM", True, steps=2)
+    p = next(iter(opt.state))
+    opt.state[p]["step"] = opt.state[p]["step"].double()
+    m_ref, opt_ref = run("AdamWSNSM", False, steps=2)
+    for o, mm in ((opt, m), (opt_ref, m_ref)):
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for q in mm.parameters():
+                q.grad = torch.randn(q.shape, generator=gen)
+            o.step()
+    assert opt.state[p]["step"].dtype == torch.float64
+    assert all(int(st["step"]) == 5 for st in opt.state.values())
+    for a, b in zip(m.parameters(), m_ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_step_counter_is_refused_before_any_tensor_moves():
+    k = cpu_kernel()
+    p, g, m = torch.randn(4, 8), torch.randn(4, 8), torch.zeros(4, 8)
+    before = [t.clone() for t in (p, m)]
+    good, bad = torch.tensor(3.0), torch.tensor([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="step counter"):
+        k.fused_step([p], [g], [m], [torch.empty(0)], [0], [0], [0.9, 1.0, 0.0, 1e-8, 0.1, 1.0],
+                     [], [], [], [], [], [], [], [good, bad])
+    assert torch.equal(p, before[0]) and torch.equal(m, before[1]) and float(good) == 3.0

@@ -114,6 +114,23 @@ def test_invalid_group_edit_raises_before_any_change(name):
     assert same(before, snapshot(opt, params))
 
 
+@pytest.mark.parametrize("key,value", [("eps", -1e-8), ("weight_decay", -0.1), ("proj", "qr"), ("proj_gap", 0),
+                                       ("refresh", "never"), ("fused", "yes"), ("state_dtype", "float8")])
+def test_editing_any_option_after_steps_is_validated_again(key, value):
+    """Validation is cached by the group's options: an edit after the first steps is still caught."""
+    params = two_params()
+    opt = snsm.AdamWSNSM(params, rank=2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    before = snapshot(opt, params)
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=key):
+        opt.step()
+    assert same(before, snapshot(opt, params))
+
+
 def test_changing_the_layout_after_the_first_step_is_a_clear_error():
     params = two_params()
     opt = snsm.AdamWSNSM(params, rank=2)
