@@ -272,3 +272,45 @@ def test_a_bad_step_counter_is_refused_before_any_tensor_moves():
         k.fused_step([p], [g], [m], [torch.empty(0)], [0], [0], [0.9, 1.0, 0.0, 1e-8, 0.1, 1.0],
                      [], [], [], [], [], [], [], [good, bad])
     assert torch.equal(p, before[0]) and torch.equal(m, before[1]) and float(good) == 3.0
+
+
+FUSED_SHAPES = [  # (layout, shape, row_len): several pieces, rows shorter and longer than a vector block,
+    (1, (5000, 37), 37),  # ragged tails, column matrices taken whole and (over 2^21 entries) split
+    (1, (3, 2100), 2100),
+    (1, (9000, 8), 8),
+    (2, (70, 1000), 1000),
+    (2, (2100, 1000), 1000),
+    (0, (300, 301), 0),
+]
+
+
+@pytest.mark.parametrize("layout,shape,row_len", FUSED_SHAPES, ids=[f"{l}-{s[0]}x{s[1]}" for l, s, _ in FUSED_SHAPES])
+@pytest.mark.parametrize("has_m", [True, False])
+def test_one_call_step_computes_the_defined_step_for_every_layout(layout, shape, row_len, has_m):
+    from triton_cases import definition
+
+    gen = torch.Generator().manual_seed(1)
+    p, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    m = torch.randn(shape, generator=gen) if has_m else torch.empty(0)
+    v = torch.rand({0: p.numel(), 1: shape[0], 2: shape[1]}[layout], generator=gen)
+    coef = (0.9, 0.99, 0.01, 1e-8, 0.01, 0.999)
+    ours, want = [t.clone() for t in (p, g, m, v)], [t.clone() for t in (p, g, m, v)]
+    step = torch.tensor(4.0)
+    cpu_kernel().fused_step([ours[0]], [ours[1]], [ours[2]], [ours[3]], [layout], [row_len], list(coef),
+                            [], [], [], [], [], [], [], [step])
+    b1, vd, vg, eps, scale, decay = coef
+    definition(*want, layout, row_len, b1, vd, vg, True, eps, scale, decay)
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(step) == 5.0
+    # the same bits on one thread (piece boundaries and sums do not depend on the thread count)
+    again = [t.clone() for t in (p, g, m, v)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu_kernel().fused_step([again[0]], [again[1]], [again[2]], [again[3]], [layout], [row_len], list(coef),
+                                [], [], [], [], [], [], [], [])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(ours, again):
+        assert torch.equal(a, b)

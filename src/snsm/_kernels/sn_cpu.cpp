@@ -34,15 +34,21 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task
 
-inline void momentum_row(float* __restrict m, const float* __restrict g, int64_t len, float b1, float c1) {
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) m[j] = b1 * m[j] + c1 * g[j];
-}
+// sum_j g_j^2 in kLanes independent partial sums (four 8-wide vectors on AVX2): one
+// accumulator would make every add wait for the one before, and a 512-wide row then
+// costs as long in adds as its bytes take to arrive.
+constexpr int64_t kLanes = 32;
 
 inline float square_sum(const float* __restrict g, int64_t len) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += g[j + k] * g[j + k];
+  }
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < len; ++j) s += g[j] * g[j];
+  for (; j < len; ++j) s += g[j] * g[j];
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
   return s;
 }
 
@@ -68,20 +74,26 @@ namespace {
 
 // One tensor's sn_step, checked and ready to run over any range of its units: elements
 // (coordinate-wise or no v) or rows (subsets by row; by column, with the column
-// denominators computed beforehand).
+// denominators computed beforehand). A deferred column task is one unit, the whole
+// matrix on one thread: the column sums row by row, then the update while the
+// gradient is still in cache (what fused_step does with a matrix of at most
+// kDeferMax elements, instead of a strided pass over it before everything else).
 struct SnTask {
   float* P;
   const float* G;
   float* M;
   float* V;
-  bool has_m, has_v, update_v;
-  int64_t layout, row_len, units, unit_len;
+  bool has_m, has_v, update_v, deferred = false;
+  int64_t layout, row_len, units, unit_len, rows = 0;
   std::vector<float> denom;  // layout 2: step / (sqrt(v_j) + eps) per column
   float b1, c1, vd, vg, e, st, dc;
 };
 
+constexpr int64_t kDeferMax = 1 << 21;
+
 SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t layout, int64_t row_len, double beta1,
-               double v_decay, double v_gain, bool update_v, double eps, double step, double decay) {
+               double v_decay, double v_gain, bool update_v, double eps, double step, double decay,
+               bool defer_columns = false) {
   const int64_t numel = p.numel();
   check(p, "param", -1);
   check(g, "grad", numel);
@@ -111,6 +123,11 @@ SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t l
   }
   TORCH_CHECK(t.layout == 2, "layout must be 0, 1 or 2");
   TORCH_CHECK(v.numel() == row_len, "exp_avg_sq must hold one value per column");
+  if (update_v && defer_columns && numel <= kDeferMax) {
+    t.deferred = true;
+    t.rows = t.units, t.units = 1, t.unit_len = numel;
+    return t;
+  }
   if (update_v) sn_accumulate(g, v, 2, row_len, v_decay, v_gain);
   t.denom.resize(row_len);
   for (int64_t j = 0; j < row_len; ++j) t.denom[j] = t.st / (std::sqrt(t.V[j]) + t.e);
@@ -119,9 +136,33 @@ SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t l
 
 // The update of units [lo, hi) of a prepared tensor:
 //   m <- beta1 m + (1 - beta1) g;  v_S <- v_decay v_S + v_gain sum_S g^2;  p <- (p - step n / (sqrt(v_S) + eps)) decay
+// A deferred column task's denominators: v_j <- v_decay v_j + v_gain sum_i g_ij^2 (rows in
+// order, as sn_accumulate sums them), then step / (sqrt(v_j) + eps).
+std::vector<float> column_denominators(const SnTask& t) {
+  const int64_t cols = t.row_len;
+  std::vector<float> sd(cols, 0.f);
+  float* __restrict acc = sd.data();
+  for (int64_t i = 0; i < t.rows; ++i) {
+    const float* __restrict g_ = t.G + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) acc[j] += g_[j] * g_[j];
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    const float vj = t.vd * t.V[j] + t.vg * acc[j];
+    t.V[j] = vj;
+    acc[j] = t.st / (std::sqrt(vj) + t.e);
+  }
+  return sd;
+}
+
 void run(const SnTask& t, int64_t lo, int64_t hi) {
   const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
   const bool has_m = t.has_m, has_v = t.has_v, update_v = t.update_v;
+  std::vector<float> deferred;
+  if (t.deferred) {  // the one unit is every row
+    deferred = column_denominators(t);
+    lo = 0, hi = t.rows;
+  }
   if (t.layout == 0) {
     const int64_t len = hi - lo;
     float* __restrict p_ = t.P + lo;
@@ -168,33 +209,77 @@ void run(const SnTask& t, int64_t lo, int64_t hi) {
     return;
   }
   const int64_t len = t.row_len;
+  float next_sum = 0.f;
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * len;
     float* __restrict p_ = t.P + off;
     const float* __restrict g_ = t.G + off;
     if (t.layout == 1) {  // one subset per contiguous row
+      // software-pipelined: the next row's square sum is taken in the same loop that
+      // updates this row, so all streams (g of the next row, p and m of this one) are in flight
+      if (update_v && i == lo) next_sum = square_sum(g_, len);
       float vi = t.V[i];
       if (update_v) {
-        vi = vd * vi + vg * square_sum(g_, len);
+        vi = vd * vi + vg * next_sum;
         t.V[i] = vi;
       }
       const float sd = st / (std::sqrt(vi) + e);  // one division per row, not per element
-      if (has_m) {
-        float* __restrict m_ = t.M + off;
-        momentum_row(m_, g_, len, b1, c1);
+      const bool ahead = update_v && i + 1 < hi;
+      const float* __restrict gn = g_ + len;
+      float acc[kLanes] = {};
+      float* __restrict m_ = has_m ? t.M + off : nullptr;
+      int64_t j0 = 0;
+      if (ahead) {
+        if (has_m) {
+          for (; j0 + kLanes <= len; j0 += kLanes) {
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - sd * m_[j]) * dc;
+            for (int64_t k = 0; k < kLanes; ++k) {
+              const int64_t j = j0 + k;
+              const float mj = b1 * m_[j] + c1 * g_[j];
+              m_[j] = mj;
+              p_[j] = (p_[j] - sd * mj) * dc;
+              acc[k] += gn[j] * gn[j];
+            }
+          }
+        } else {
+          for (; j0 + kLanes <= len; j0 += kLanes) {
+#pragma omp simd
+            for (int64_t k = 0; k < kLanes; ++k) {
+              const int64_t j = j0 + k;
+              p_[j] = (p_[j] - sd * g_[j]) * dc;
+              acc[k] += gn[j] * gn[j];
+            }
+          }
+        }
+      }
+      // the rest of the row (all of it when no sum is taken ahead)
+      if (has_m) {
+#pragma omp simd
+        for (int64_t j = j0; j < len; ++j) {
+          const float mj = b1 * m_[j] + c1 * g_[j];
+          m_[j] = mj;
+          p_[j] = (p_[j] - sd * mj) * dc;
+        }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - sd * g_[j]) * dc;
+        for (int64_t j = j0; j < len; ++j) p_[j] = (p_[j] - sd * g_[j]) * dc;
+      }
+      if (ahead) {
+        float sum = 0.f;
+        for (int64_t j = j0; j < len; ++j) sum += gn[j] * gn[j];
+        for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
+        next_sum = sum;
       }
     } else {  // one subset per column
-      const float* __restrict SD = t.denom.data();
+      const float* __restrict SD = t.deferred ? deferred.data() : t.denom.data();
       if (has_m) {
         float* __restrict m_ = t.M + off;
-        momentum_row(m_, g_, len, b1, c1);
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - SD[j] * m_[j]) * dc;
+        for (int64_t j = 0; j < len; ++j) {
+          const float mj = b1 * m_[j] + c1 * g_[j];
+          m_[j] = mj;
+          p_[j] = (p_[j] - SD[j] * mj) * dc;
+        }
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) p_[j] = (p_[j] - SD[j] * g_[j]) * dc;
@@ -430,7 +515,8 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
   whole.reserve(nw);
   for (size_t i = 0; i < nw; ++i) {
     const double* c = coef.data() + 6 * i;
-    whole.push_back(prepare(p[i], g[i], m[i], v[i], layout[i], row_len[i], c[0], c[1], c[2], true, c[3], c[4], c[5]));
+    whole.push_back(
+        prepare(p[i], g[i], m[i], v[i], layout[i], row_len[i], c[0], c[1], c[2], true, c[3], c[4], c[5], true));
   }
   std::vector<SmTask> subspace;
   subspace.reserve(ns);
@@ -454,7 +540,10 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
     int64_t lo, hi;
   };
   std::vector<Piece> pieces;
+  for (const SnTask& t : whole)  // whole-matrix column tasks first, the finer pieces balance the end
+    if (t.deferred) pieces.push_back({&t, 0, 1});
   for (const SnTask& t : whole) {
+    if (t.deferred) continue;
     const int64_t per = std::max<int64_t>(1, kPiece / t.unit_len);
     for (int64_t lo = 0; lo < t.units; lo += per) pieces.push_back({&t, lo, std::min(t.units, lo + per)});
   }
