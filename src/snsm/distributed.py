@@ -268,19 +268,27 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
 def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, shard, is_tall):
     r"""The fused subspace step on a shard (see :mod:`snsm.fused`): no numerator is built.
 
-    The kernel's ``W = (W - s G / D) decay`` first, then the rank-r part times
-    ``decay``. Tall (rows local, ``q`` the ``n x r`` basis, per-row ``D``):
-    ``R = G Q``, ``W -= s ((M - R) / D) Q^T``. Wide (``q`` this rank's rows of
+    Tall (rows local, ``q`` the ``n x r`` basis, per-row ``D``): every row is
+    independent, so the CPU kernel's one-pass step takes this rank's rows as it
+    takes a whole matrix (``R = G Q``, ``M``, ``v``, ``W <- (W - s G / D) decay
+    - s decay ((M - R) / D) Q^T`` block by block). Otherwise the kernel's
+    ``W = (W - s G / D) decay`` first, then the rank-r part times ``decay``: tall,
+    ``R = G Q``, ``W -= s ((M - R) / D) Q^T``; wide (``q`` this rank's rows of
     the ``m x r`` basis, replicated ``r x n`` momentum, per-column ``D`` from
-    all-reduced column sums): ``R = sum_ranks q^T G``, ``W -= s q ((M - R) / D)``.
+    all-reduced column sums), ``R = sum_ranks q^T G``, ``W -= s q ((M - R) / D)``.
     """
-    from .fused import _EMPTY, _second_moment, kernel_for
+    from .fused import _EMPTY, _one_pass, _second_moment, kernel_for
 
     k = kernel_for(g2d.device)
     v_decay, v_gain = _second_moment(beta2)
     v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
     g = g2d if g2d.is_contiguous() else g2d.contiguous()
     kind = 0 if beta2 is None else (1 if is_tall else 2)
+    if is_tall and _one_pass(k, q, mom, v, beta2, None):  # the caller checked the layout (row subsets)
+        if shard.count:
+            k.fused_step([], [], [], [], [], [], [], [p2d], [g], [mom], [q], [v], [shard.count, shard.cols, True],
+                         [beta1, v_decay, v_gain, eps, scale, decay], [])
+        return
     if is_tall:
         r = g @ q
     else:  # R = Q^T G and the column sums both cross the shards: one all-reduce of (r + 1) x n

@@ -142,7 +142,7 @@ class _Batch:
 
     def __init__(self):
         self.whole = ([], [], [], [], [], [], [])  # p, g, m, v, layout, row_len, coefficients
-        self.subspace = ([], [], [], [], [], [], [])  # p, g, exp_avg, proj, v, (m, n), coefficients
+        self.subspace = ([], [], [], [], [], [], [])  # p, g, exp_avg, proj, v, (m, n, tall), coefficients
         self.steps = []
 
     def run(self, k) -> None:
@@ -211,7 +211,7 @@ def fused_steps_(items, *, scratch) -> None:
                 zero_after.append(state["exp_avg"])
             for column, value in zip(batch.subspace, (param, g, state["exp_avg"], state["proj"], v)):
                 column.append(value)
-            batch.subspace[5].extend(subspace.shape)
+            batch.subspace[5].extend((*subspace.shape, subspace.is_tall))
             batch.subspace[6].extend(coef)
         else:
             _subspace_step(k, param, g, state, step, scale, decay, v, ka.kind, ka.row_len, v_decay, v_gain,

@@ -371,12 +371,14 @@ struct SmTask {
   float b1, c1, vd, vg, e, st, dc, alpha;
 };
 
+// `tall`: whether the tall frame is the matrix itself (its rows are the frame's rows) or its
+// transpose; m >= n for a whole matrix, and also for a rank's rows of a tall one, however few.
 SmTask prepare_sm(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::Tensor v, int64_t m, int64_t n,
-                  double beta1, double v_decay, double v_gain, double eps, double step, double decay) {
+                  bool tall, double beta1, double v_decay, double v_gain, double eps, double step, double decay) {
   TORCH_CHECK(sm_step_available(), "one-pass subspace step: no BLAS in this torch build");
   TORCH_CHECK(m > 0 && n > 0 && p.numel() == m * n, "param must hold the m x n matrix it is stepped as");
   SmTask t;
-  t.tall = m >= n;
+  t.tall = tall;
   t.n = n;
   t.rows = t.tall ? m : n, t.cols = t.tall ? n : m;  // the tall frame, rows x cols
   check(p, "param", -1);
@@ -508,9 +510,9 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
   TORCH_CHECK(g.size() == nw && m.size() == nw && v.size() == nw && layout.size() == nw && row_len.size() == nw &&
                   coef.size() == 6 * nw,
               "fused_step: every whole-tensor list must hold one entry per tensor (six coefficients each)");
-  TORCH_CHECK(sg.size() == ns && smom.size() == ns && sq.size() == ns && sv.size() == ns && shape.size() == 2 * ns &&
+  TORCH_CHECK(sg.size() == ns && smom.size() == ns && sq.size() == ns && sv.size() == ns && shape.size() == 3 * ns &&
                   scoef.size() == 6 * ns,
-              "fused_step: every subspace list must hold one entry per matrix (two sizes, six coefficients each)");
+              "fused_step: every subspace list must hold one entry per matrix (m, n and tall; six coefficients each)");
   std::vector<SnTask> whole;
   whole.reserve(nw);
   for (size_t i = 0; i < nw; ++i) {
@@ -522,8 +524,8 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
   subspace.reserve(ns);
   for (size_t i = 0; i < ns; ++i) {
     const double* c = scoef.data() + 6 * i;
-    subspace.push_back(prepare_sm(sp[i], sg[i], smom[i], sq[i], sv[i], shape[2 * i], shape[2 * i + 1], c[0], c[1],
-                                  c[2], c[3], c[4], c[5]));
+    subspace.push_back(prepare_sm(sp[i], sg[i], smom[i], sq[i], sv[i], shape[3 * i], shape[3 * i + 1],
+                                  shape[3 * i + 2] != 0, c[0], c[1], c[2], c[3], c[4], c[5]));
   }
   for (const at::Tensor& t : steps)
     TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.is_contiguous() &&
