@@ -235,6 +235,24 @@ def _columns(layout: Optional[SubsetLayout], shard: RowShard) -> bool:
     return layout is not None and not layout.coordinate_wise and layout.dim == 0 and layout.view[1] == shard.cols
 
 
+def local_fused_item(param, grad, state, options):
+    """``(local param, local grad, local state)`` for :func:`snsm.fused.fused_steps_` when a
+    shard's step is the kernel's pass over its own rows with no collective (no subspace; subsets
+    that are the rows, or coordinates), else ``None``. The optimizer then steps these shards in
+    its one kernel call with the plain tensors; their state stays the DTensors it was."""
+    if options["subspace"] is not None:
+        return None
+    shard = row_sharding(param)
+    layout = options["layout"]
+    if not (rows_local(layout, shard.cols) and _fused_local(param, state, layout, shard)):
+        return None
+    views = {"step": state["step"]}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            views[key] = local(state[key])
+    return param.to_local(), grad.to_local(), views
+
+
 def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
     """The kernel's one pass on this rank's rows (a generator: per-column sums are all-reduced
     asynchronously, yielding meanwhile)."""
@@ -320,12 +338,16 @@ def sn_step_sharded_(param, grad, state, **options) -> None:
         pass
 
 
-def run_overlapped(steps) -> None:
+def run_overlapped(steps, meanwhile=None) -> None:
     """Run :func:`sharded_step` generators so their all-reduces overlap: every step up to its
-    collective (launched asynchronously, in the same order on every rank), then each to the end."""
+    collective (launched asynchronously, in the same order on every rank), then ``meanwhile()``
+    (other work to hide them behind, e.g. the kernel call for everything else), then each step
+    to the end."""
     steps = list(steps)
     for s in steps:
         next(s, None)
+    if meanwhile is not None:
+        meanwhile()
     for s in steps:
         for _ in s:
             pass

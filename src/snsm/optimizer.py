@@ -364,6 +364,11 @@ class SubsetNormOptimizer(Optimizer):
                 if path == "fused":
                     fast.append((p, p.grad, state, options, group["lr"]))
                     continue
+                if path == "sharded":  # a shard that needs no collective joins the one kernel call
+                    local = distributed.local_fused_item(p, p.grad, state, options)
+                    if local is not None:
+                        fast.append((*local, options, group["lr"]))
+                        continue
                 options = dict(options, lr=group["lr"])
                 if path == "sharded":
                     sharded.append(distributed.sharded_step(p, p.grad, state, **options))
@@ -373,9 +378,11 @@ class SubsetNormOptimizer(Optimizer):
                     sn_step_(p, p.grad, state, **options)
             if batch:
                 self._update_foreach(batch, rules)
-        if fast:
-            fused.fused_steps_(fast, scratch=self._scratch)
-        distributed.run_overlapped(sharded)
+        run_fast = (lambda: fused.fused_steps_(fast, scratch=self._scratch)) if fast else None
+        if sharded:  # the kernel call runs while the sharded steps' all-reduces are in flight
+            distributed.run_overlapped(sharded, meanwhile=run_fast)
+        elif run_fast is not None:
+            run_fast()
         return loss
 
     def _validated(self, group: dict, group_key: tuple) -> Rules:
