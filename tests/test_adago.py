@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import snsm
+from snsm import adago
 from snsm.adago import newton_schulz
 
 
@@ -172,7 +173,7 @@ def test_vector_in_a_matrix_group_is_rejected():
     (dict(weight_decay=-1.0), ValueError, "weight_decay"),
     (dict(ns_steps=0), ValueError, r"ns_steps.*\[1, 99\]"),
     (dict(ns_coefficients=(1.0, 2.0)), ValueError, "ns_coefficients"),
-    (dict(ns_dtype="float16"), ValueError, "ns_dtype.*float32, bfloat16"),
+    (dict(ns_dtype="float16"), ValueError, "ns_dtype.*None, float32, bfloat16"),
     (dict(adjust_lr_fn="sqrt"), ValueError, "adjust_lr_fn"),
     (dict(adamw_betas=(0.9, 1.5)), ValueError, r"adamw_betas\[1\]"),
     (dict(rank=4), ValueError, "rank"),
@@ -188,6 +189,31 @@ def test_bad_options_raise(options, error, match):
 def test_torch_dtype_options_are_normalised():
     opt = snsm.AdaGO([nn.Parameter(torch.randn(4, 5))], ns_dtype=torch.float32)
     assert opt.param_groups[0]["ns_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("hardware,option,expected", [
+    (True, None, torch.bfloat16), (False, None, torch.float32),  # the default follows the hardware
+    (False, "bfloat16", torch.bfloat16), (True, "float32", torch.float32),  # an explicit choice always holds
+])
+def test_newton_schulz_dtype_defaults_to_bf16_only_where_it_runs_in_hardware(hardware, option, expected, monkeypatch):
+    monkeypatch.setattr(adago, "bf16_matmul_in_hardware", lambda device_type: hardware)
+    seen = []
+    real = adago.newton_schulz
+    monkeypatch.setattr(adago, "newton_schulz", lambda x, steps, coeffs, dtype: seen.append(dtype) or real(
+        x, steps, coeffs, dtype))
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = snsm.AdaGO([w], ns_dtype=option)
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    assert seen == [expected]
+
+
+def test_bf16_hardware_probe_answers_for_this_machine():
+    cpu = adago.bf16_matmul_in_hardware("cpu")
+    probes = [getattr(torch.cpu, n)() for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+              if hasattr(torch.cpu, n)]
+    assert cpu == any(probes)
+    assert adago.bf16_matmul_in_hardware("meta") is False
 
 
 def test_failing_step_changes_nothing():

@@ -76,6 +76,7 @@ gradient norms ~0.006) and unclipped with 30x targets (norms ~3).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable, Iterable, Optional, Tuple
@@ -94,6 +95,26 @@ logger = logging.getLogger(__name__)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic coefficients
 NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_in_hardware(device_type: str) -> bool:
+    """Whether bfloat16 matrix products on this kind of device run on bf16 hardware (a CUDA GPU
+    that supports bf16; a CPU with AVX512-BF16 or AMX) rather than through an emulation."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def newton_schulz_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """The Newton-Schulz compute dtype of ``ns_dtype=name`` on ``device`` (``None``: bf16 where it
+    runs in hardware, else float32; see :class:`AdaGO`)."""
+    if name is not None:
+        return NS_DTYPES[name]
+    return torch.bfloat16 if bf16_matmul_in_hardware(device.type) else torch.float32
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -167,7 +188,12 @@ class AdaGO(Optimizer):
         nesterov: feed ``G_t.lerp(M_t, mu)`` to Newton-Schulz (Muon's Nesterov).
         ns_steps: Newton-Schulz iterations, ``[1, 99]``.
         ns_coefficients: the quintic's ``(a, b, c)``.
-        ns_dtype: ``"bfloat16"`` (Muon's choice; fast on GPUs) or ``"float32"``.
+        ns_dtype: ``None`` (default): ``"bfloat16"`` (Muon's choice) where the
+            parameter's device multiplies bf16 in hardware (CUDA; CPUs with
+            AVX512-BF16 or AMX), else ``"float32"``: elsewhere a bf16 product
+            is emulated, and one Newton-Schulz product of a 32000 x 256 head
+            (``256 x 256`` by ``256 x 32000``) took 3.2 s in bf16 against 45 ms in
+            float32 on an AVX2 CPU. Or ``"bfloat16"`` / ``"float32"`` always.
         adaptive: ``False`` replaces ``alpha_t`` by ``eta_t`` (Muon's constant
             step; the accumulator is then not updated).
         adjust_lr_fn: ``None`` (paper), ``"original"`` or ``"match_rms_adamw"``
@@ -192,7 +218,7 @@ class AdaGO(Optimizer):
         nesterov: bool = False,
         ns_steps: int = 5,
         ns_coefficients: Tuple[float, float, float] = NS_COEFFICIENTS,
-        ns_dtype: Any = "bfloat16",
+        ns_dtype: Any = None,
         adaptive: bool = True,
         adjust_lr_fn: Optional[str] = None,
         adamw_lr: float = 3e-3,
@@ -285,8 +311,8 @@ class AdaGO(Optimizer):
         if not isinstance(coeffs, tuple) or len(coeffs) != 3 or not all(
                 isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs):
             raise ValueError(f"Invalid ns_coefficients: {coeffs!r} (expected three finite numbers (a, b, c))")
-        if group["ns_dtype"] not in NS_DTYPES:
-            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: {', '.join(NS_DTYPES)})")
+        if group["ns_dtype"] is not None and group["ns_dtype"] not in NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: None, {', '.join(NS_DTYPES)})")
         for key in ("nesterov", "adaptive"):
             if not isinstance(group[key], bool):
                 raise TypeError(f"Invalid {key}: {group[key]!r} (expected True or False)")
@@ -425,7 +451,7 @@ class AdaGO(Optimizer):
             rows = slice(shard.start, shard.start + shard.count)
             update = distributed.gather_rows(update.reshape(shard.count, n), shard)
         ortho = newton_schulz(update.reshape(m, n), group["ns_steps"], group["ns_coefficients"],
-                              NS_DTYPES[group["ns_dtype"]])
+                              newton_schulz_dtype(group["ns_dtype"], g.device))
         if sharded:
             ortho = ortho[rows]
         ortho = ortho.reshape(g.shape)
