@@ -96,6 +96,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic coeffi
 NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 @functools.lru_cache(maxsize=None)
 def bf16_matmul_in_hardware(device_type: str) -> bool:
@@ -115,8 +118,6 @@ def newton_schulz_dtype(name: Optional[str], device: torch.device) -> torch.dtyp
     if name is not None:
         return NS_DTYPES[name]
     return torch.bfloat16 if bf16_matmul_in_hardware(device.type) else torch.float32
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def newton_schulz(

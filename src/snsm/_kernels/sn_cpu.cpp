@@ -134,8 +134,6 @@ SnTask prepare(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, int64_t l
   return t;
 }
 
-// The update of units [lo, hi) of a prepared tensor:
-//   m <- beta1 m + (1 - beta1) g;  v_S <- v_decay v_S + v_gain sum_S g^2;  p <- (p - step n / (sqrt(v_S) + eps)) decay
 // A deferred column task's denominators: v_j <- v_decay v_j + v_gain sum_i g_ij^2 (rows in
 // order, as sn_accumulate sums them), then step / (sqrt(v_j) + eps).
 std::vector<float> column_denominators(const SnTask& t) {
@@ -155,6 +153,8 @@ std::vector<float> column_denominators(const SnTask& t) {
   return sd;
 }
 
+// The update of units [lo, hi) of a prepared tensor:
+//   m <- beta1 m + (1 - beta1) g;  v_S <- v_decay v_S + v_gain sum_S g^2;  p <- (p - step n / (sqrt(v_S) + eps)) decay
 void run(const SnTask& t, int64_t lo, int64_t hi) {
   const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
   const bool has_m = t.has_m, has_v = t.has_v, update_v = t.update_v;
@@ -495,11 +495,11 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
 // One step of everything on the fast path, in one parallel region: `whole` tensors
 // (sn_step, memory-bound; coefficients per tensor: beta1, v_decay, v_gain, eps, step,
 // decay) and subspace matrices (the one-pass step, its GEMMs compute-bound; the same six plus m,
-// n). Pieces of the first (about 2^16 elements, whole rows) and blocks of the second
-// sit in two queues; thread 0 drains the memory-bound queue first, the other threads
-// the compute-bound one, then each helps with the other. On a few cores a streaming
-// pass does not need every core to reach the memory bandwidth, so the GEMMs run
-// beside it instead of after it.
+// n and tall), and the step counters, each moved by one. Pieces of the first (about 2^16
+// elements, whole rows) and blocks of the second sit in two queues; thread 0 drains the
+// memory-bound queue first, the other threads the compute-bound one, then each helps
+// with the other. On a few cores a streaming pass does not need every core to reach
+// the memory bandwidth, so the GEMMs run beside it instead of after it.
 void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> m,
                 std::vector<at::Tensor> v, std::vector<int64_t> layout, std::vector<int64_t> row_len,
                 std::vector<double> coef, std::vector<at::Tensor> sp, std::vector<at::Tensor> sg,
