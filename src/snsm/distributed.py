@@ -235,17 +235,19 @@ def _columns(layout: Optional[SubsetLayout], shard: RowShard) -> bool:
     return layout is not None and not layout.coordinate_wise and layout.dim == 0 and layout.view[1] == shard.cols
 
 
-def local_fused_item(param, grad, state, options):
-    """``(local param, local grad, local state)`` for :func:`snsm.fused.fused_steps_` when a
-    shard's step is the kernel's pass over its own rows with no collective (no subspace; subsets
-    that are the rows, or coordinates), else ``None``. The optimizer then steps these shards in
-    its one kernel call with the plain tensors; their state stays the DTensors it was."""
+def steps_locally(param, state, options) -> bool:
+    """Whether a shard's step is the kernel's pass over its own rows with no collective (no
+    subspace; subsets that are the rows, or coordinates): the optimizer then puts it in its one
+    kernel call with the plain tensors of :func:`local_views`."""
     if options["subspace"] is not None:
-        return None
+        return False
     shard = row_sharding(param)
-    layout = options["layout"]
-    if not (rows_local(layout, shard.cols) and _fused_local(param, state, layout, shard)):
-        return None
+    return rows_local(options["layout"], shard.cols) and _fused_local(param, state, options["layout"], shard)
+
+
+def local_views(param, grad, state):
+    """``(local param, local grad, local state)`` of a shard, for :func:`snsm.fused.fused_steps_`;
+    the state stays the DTensors it was."""
     views = {"step": state["step"]}
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:

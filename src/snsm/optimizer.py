@@ -364,11 +364,9 @@ class SubsetNormOptimizer(Optimizer):
                 if path == "fused":
                     fast.append((p, p.grad, state, options, group["lr"]))
                     continue
-                if path == "sharded":  # a shard that needs no collective joins the one kernel call
-                    local = distributed.local_fused_item(p, p.grad, state, options)
-                    if local is not None:
-                        fast.append((*local, options, group["lr"]))
-                        continue
+                if path == "local":  # a shard that needs no collective joins the one kernel call
+                    fast.append((*distributed.local_views(p, p.grad, state), options, group["lr"]))
+                    continue
                 options = dict(options, lr=group["lr"])
                 if path == "sharded":
                     sharded.append(distributed.sharded_step(p, p.grad, state, **options))
@@ -416,7 +414,9 @@ class SubsetNormOptimizer(Optimizer):
         del options["lr"]  # read at every step (schedulers change it)
         if path != "sharded" and group["stochastic_rounding"] and _state_dtype(p, group) in _LOW_PRECISION:
             options["rounding_seed"] = group["seed"] * 1_000_003 + index
-        if path == "fused":
+        if path == "sharded" and distributed.steps_locally(p, self.state.get(p) or {}, options):
+            path = "local"
+        if path in ("fused", "local"):
             options["kernel"] = fused.kernel_args(p, options)
         if not compiling:
             self._plans[p] = (key, (path, options))
