@@ -65,6 +65,15 @@ def test_fused_matches_reference(name, subset_size, proj):
             assert torch.allclose(sf[i][k].float(), sr[i][k].float(), rtol=1e-4, atol=1e-6), (i, k)
 
 
+def continue_training(opt, m, seed, steps=3):
+    """``steps`` more steps of ``opt`` on gradients drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
 def test_checkpoint_moves_between_paths():
     """State saved by the fused path continues on the reference path, and the other way round."""
     for first, second in ((True, False), (False, True)):
@@ -79,11 +88,7 @@ def test_checkpoint_moves_between_paths():
             for p, q in zip(ref_m.parameters(), m.parameters()):
                 p.copy_(q)
         for o, mm in ((opt, m), (ref_opt, ref_m)):
-            gen = torch.Generator().manual_seed(99)
-            for _ in range(3):
-                for p in mm.parameters():
-                    p.grad = torch.randn(p.shape, generator=gen)
-                o.step()
+            continue_training(o, mm, seed=99)
         for p, q in zip(m.parameters(), ref_m.parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
@@ -252,11 +257,7 @@ def test_the_kernel_moves_step_counters_of_either_float_type():
     opt.state[p]["step"] = opt.state[p]["step"].double()
     m_ref, opt_ref = run("AdamWSNSM", False, steps=2)
     for o, mm in ((opt, m), (opt_ref, m_ref)):
-        gen = torch.Generator().manual_seed(5)
-        for _ in range(3):
-            for q in mm.parameters():
-                q.grad = torch.randn(q.shape, generator=gen)
-            o.step()
+        continue_training(o, mm, seed=5)
     assert opt.state[p]["step"].dtype == torch.float64
     assert all(int(st["step"]) == 5 for st in opt.state.values())
     for a, b in zip(m.parameters(), m_ref.parameters()):
