@@ -315,3 +315,45 @@ def test_one_call_step_computes_the_defined_step_for_every_layout(layout, shape,
         torch.set_num_threads(threads)
     for a, b in zip(ours, again):
         assert torch.equal(a, b)
+
+
+SUBSPACE_SHAPES = [  # (m, n, r): tall frames with ranks and widths on and off the 16-wide tiles, rows
+    (1000, 256, 64),  # in blocks with partial six-row strips; one wide matrix (the BLAS path)
+    (997, 40, 5),
+    (301, 250, 70),
+    (64, 48, 16),
+    (130, 700, 20),
+]
+
+
+@pytest.mark.skipif(cpu_kernel() is None or not cpu_kernel().sm_step_available(), reason="no BLAS for sm_step")
+@pytest.mark.parametrize("m,n,r", SUBSPACE_SHAPES, ids=[f"{m}x{n}-r{r}" for m, n, r in SUBSPACE_SHAPES])
+def test_one_pass_subspace_step_computes_the_defined_step(m, n, r):
+    """fused_step's one-pass subspace step against its equations in float64, with A the tall frame
+    (G, or G^T when wide), Q the basis, Mo the frame's momentum, D_i = sqrt(v_i) + eps:
+    R = A Q, Mo <- b1 Mo + (1 - b1) R, v_i <- vd v_i + vg |A_i|^2,
+    W <- (W - s A / D) decay - s decay ((Mo - R) / D) Q^T."""
+    gen = torch.Generator().manual_seed(2)
+    tall = m >= n
+    rows, cols = (m, n) if tall else (n, m)
+    p, g = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen)
+    q = torch.linalg.qr(torch.randn(cols, r, generator=gen)).Q.contiguous()
+    mom = torch.randn((rows, r) if tall else (r, rows), generator=gen)
+    v = torch.rand(rows, generator=gen)
+    b1, vd, vg, eps, s, decay = 0.9, 0.99, 0.01, 1e-8, 0.01, 0.999
+    ours = [t.clone() for t in (p, mom, v)]
+    cpu_kernel().fused_step([], [], [], [], [], [], [], [ours[0]], [g], [ours[1]], [q], [ours[2]], [m, n, int(tall)],
+                            [b1, vd, vg, eps, s, decay], [])
+
+    def frame(t):
+        return t.double() if tall else t.double().T
+
+    a, w, mo, qd = frame(g), frame(p), frame(mom), q.double()
+    rr = a @ qd
+    mo = b1 * mo + (1 - b1) * rr
+    vv = vd * v.double() + vg * (a * a).sum(1)
+    d = (vv.sqrt() + eps)[:, None]
+    w = (w - s * a / d) * decay - s * decay * ((mo - rr) / d) @ qd.T
+    torch.testing.assert_close(frame(ours[0]), w, rtol=1e-5, atol=2e-6, check_dtype=False)
+    torch.testing.assert_close(frame(ours[1]), mo, rtol=1e-5, atol=2e-6, check_dtype=False)
+    torch.testing.assert_close(ours[2].double(), vv, rtol=1e-5, atol=1e-6)
