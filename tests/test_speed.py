@@ -1,4 +1,4 @@
-"""The step-time benchmark (``python -m snsm.bench.speed``): what it writes, and its matmul floor."""
+"""The step-time benchmark (``python -m snsm.bench.speed``): what it writes, and its torch.mm row."""
 import json
 
 import pytest
@@ -8,13 +8,13 @@ import snsm
 from snsm.bench import speed
 
 
-def test_matmul_floor_does_the_subspace_products_of_exactly_the_routed_matrices():
+def test_torch_matmuls_row_does_the_subspace_products_of_exactly_the_routed_matrices():
     model = speed.llama_like("llama_20m")
-    floor = speed.MatmulFloor(model, rank=64)
+    mm = speed.TorchMatmuls(model, rank=64)
     h, i, layers, v = speed.SHAPES["llama_20m"]
-    assert len(floor.work) == 7 * layers + 1  # every block's seven linears and the head; no embedding
-    floor.step()
-    for a, q, r, u in floor.work:
+    assert len(mm.work) == 7 * layers + 1  # every block's seven linears and the head; no embedding
+    mm.step()
+    for a, q, r, u in mm.work:
         assert a.shape[0] >= a.shape[1] and q.shape == (a.shape[1], 64)
         assert torch.allclose(q.T @ q, torch.eye(64), atol=1e-5)
         assert torch.allclose(r, a @ q, rtol=1e-4, atol=1e-6)
@@ -36,7 +36,7 @@ def test_speed_writes_a_table_with_ratios_to_fused_adamw(tmp_path, capsys):
     # a subspace row is timed over a whole proj_gap cycle, refreshes included
     assert by["AdamWSNSM"]["amortized_vs_fused"] > 0 and by["AdamWSNSM"]["worst_over_median"] >= 1
     assert by["AdamWSN"]["amortized_vs_fused"] is None
-    # state: AdamW-SN keeps one full-size tensor less on the Subset-Norm matrices; the floor keeps none
+    # state: AdamW-SN keeps one full-size tensor less on the Subset-Norm matrices; the torch.mm row keeps none
     assert by["AdamWSN"]["state_bytes"] < by["AdamW fused"]["state_bytes"]
     assert by[speed.FLOOR]["state_bytes"] == 0 and by[speed.FLOOR]["peak_step_bytes"] is None
     table = (tmp_path / "speed.md").read_text()
