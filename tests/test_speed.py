@@ -22,13 +22,13 @@ def test_torch_matmuls_row_does_the_subspace_products_of_exactly_the_routed_matr
 
 
 def test_speed_writes_a_table_with_ratios_to_fused_adamw(tmp_path, capsys):
-    rows = "AdamWSN,AdamWSNSM," + speed.FLOOR
+    rows = "AdamWSN,AdamWSNSM," + speed.TORCH_MATMULS
     assert speed.main(["--models", "llama_20m", "--optimizers", rows, "--proj-gap", "4", "--block", "2",
                        "--out", str(tmp_path)]) == 0
     meta = json.loads((tmp_path / "speed.json").read_text())
     assert meta["command"].startswith("python -m snsm.bench.speed --models llama_20m")
     by = {r["optimizer"]: r for r in meta["rows"]}
-    assert set(by) == {"AdamW fused", "AdamW foreach", "AdamWSN", "AdamWSNSM", speed.FLOOR}
+    assert set(by) == {"AdamW fused", "AdamW foreach", "AdamWSN", "AdamWSNSM", speed.TORCH_MATMULS}
     assert by["AdamW fused"]["vs_fused"] == 1.0 and by["AdamW foreach"]["vs_foreach"] == 1.0
     for r in meta["rows"]:
         assert r["steps"] == 4 and r["median_ms"] > 0
@@ -38,9 +38,9 @@ def test_speed_writes_a_table_with_ratios_to_fused_adamw(tmp_path, capsys):
     assert by["AdamWSN"]["amortized_vs_fused"] is None
     # state: AdamW-SN keeps one full-size tensor less on the Subset-Norm matrices; the torch.mm row keeps none
     assert by["AdamWSN"]["state_bytes"] < by["AdamW fused"]["state_bytes"]
-    assert by[speed.FLOOR]["state_bytes"] == 0 and by[speed.FLOOR]["peak_step_bytes"] is None
+    assert by[speed.TORCH_MATMULS]["state_bytes"] == 0 and by[speed.TORCH_MATMULS]["peak_step_bytes"] is None
     table = (tmp_path / "speed.md").read_text()
-    assert "| llama_20m | AdamWSNSM | 4 |" in table and speed.FLOOR in capsys.readouterr().out
+    assert "| llama_20m | AdamWSNSM | 4 |" in table and speed.TORCH_MATMULS in capsys.readouterr().out
 
 
 def test_speed_rejects_unknown_rows_and_models():

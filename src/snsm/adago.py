@@ -95,7 +95,6 @@ logger = logging.getLogger(__name__)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic coefficients
 NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 

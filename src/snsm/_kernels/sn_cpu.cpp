@@ -532,7 +532,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
   const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
   const int64_t ldr = t.ldr;
   const bool micro = !t.qp.empty();
-  if (static_cast<int64_t>(R.size()) < t.block * std::max(ldr, r)) R.resize(t.block * std::max(ldr, r));
+  if (static_cast<int64_t>(R.size()) < t.block * ldr) R.resize(t.block * ldr);  // ldr >= r
   if (static_cast<int64_t>(D.size()) < t.block) D.resize(t.block);
   const int64_t i0 = b * t.block, B = std::min(t.rows, i0 + t.block) - i0;
   float* V = t.V;

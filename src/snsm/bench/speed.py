@@ -92,7 +92,7 @@ class TorchMatmuls:
             torch.mm(r, q.T, out=u)
 
 
-FLOOR = "SM matmuls via torch.mm"
+TORCH_MATMULS = "SM matmuls via torch.mm"
 
 
 def configs(rank: int, gap: int):
@@ -117,7 +117,7 @@ def configs(rank: int, gap: int):
         "AdamWSNSM topk": lambda m: snsm.AdamWSNSM(snsm.param_groups(m, proj="topk", **sm), lr=1e-2),
         "AdaGradSNSM": lambda m: snsm.AdaGradSNSM(snsm.param_groups(m, **sm)),
         "SGDSM": lambda m: snsm.SGDSM(snsm.param_groups(m, **sm)),
-        FLOOR: lambda m: TorchMatmuls(m, rank),
+        TORCH_MATMULS: lambda m: TorchMatmuls(m, rank),
     }
 
 
