@@ -27,6 +27,6 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tests=$?
 
 "$PY" -m snsm.bench.speed --device cuda --models llama_20m,llama_60m \
-  --optimizers "AdamWSN,AdamWSN compiled,AdamWSN reference,AdamWSNSM,AdamWSNSM compiled,AdamWSNSM synchronized,AdamWSNSM randomized,SGDSM,floor: SM matmuls only" \
+  --optimizers "AdamWSN,AdamWSN compiled,AdamWSN reference,AdamWSNSM,AdamWSNSM compiled,AdamWSNSM synchronized,AdamWSNSM randomized,SGDSM,SM matmuls via torch.mm" \
   --out "$OUT" 2>&1 | tee "$OUT/speed.log"
 exit $tests

@@ -73,3 +73,15 @@ def test_llama_like_gives_the_same_gradients_on_any_device():
     a, b = speed.llama_like("llama_20m"), speed.llama_like("llama_20m", torch.device("cpu"))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+
+
+def test_the_gpu_check_script_asks_for_rows_the_benchmark_knows():
+    import pathlib
+    import re
+
+    script = (pathlib.Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    (listed,) = re.findall(r'--optimizers "([^"]+)"', script)
+    (models,) = re.findall(r"--models (\S+)", script)
+    rows = [s.strip() for s in listed.split(",")]
+    assert rows and set(rows) <= set(speed.configs(64, 200))
+    assert set(models.split(",")) <= set(speed.SHAPES)
