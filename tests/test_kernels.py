@@ -317,12 +317,15 @@ def test_one_call_step_computes_the_defined_step_for_every_layout(layout, shape,
         assert torch.equal(a, b)
 
 
-SUBSPACE_SHAPES = [  # (m, n, r): tall frames with ranks and widths on and off the 16-wide tiles, rows
-    (1000, 256, 64),  # in blocks with partial six-row strips; one wide matrix (the BLAS path)
-    (997, 40, 5),
+SUBSPACE_SHAPES = [  # (m, n, r): frames with ranks and widths on and off the 16-wide tiles, rows in
+    (1000, 256, 64),  # blocks with partial six-row strips; wide ones (transposed in 8 x 8 tiles) with
+    (997, 40, 5),  # both sides on and off the 8-multiples, and smaller than a tile
     (301, 250, 70),
     (64, 48, 16),
     (130, 700, 20),
+    (256, 688, 64),
+    (37, 301, 7),
+    (5, 9, 3),
 ]
 
 

@@ -69,12 +69,13 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
 #if defined(__AVX2__) && defined(__FMA__)
 #define SNSM_MICRO_GEMM 1
 #include <immintrin.h>
-// The rank-r products of a tall frame's one-pass subspace step, register-blocked for AVX2 +
-// FMA. Their operands are thin (r wide) and the gradient streams from memory, which a general
-// sgemm called block by block handles poorly: measured on a 2-core AVX2 machine in the
-// one-pass step of a 32000 x 256 matrix (rank 64), about 57 GFLOP/s a core with the BLAS torch
-// ships, 74 with these tiles and their prefetches (the core's FMA peak is about 100). One
-// micro-tile is MR x 16 outputs in 2 MR vector accumulators:
+// The rank-r products of the one-pass subspace step, register-blocked for AVX2 + FMA. Their
+// operands are thin (r wide) and the gradient streams from memory, which a general sgemm
+// called block by block handles poorly: measured on a 2-core AVX2 machine in the one-pass step
+// of a 32000 x 256 matrix (rank 64), about 57 GFLOP/s a core with the BLAS torch ships, 74
+// with these tiles and their prefetches (the core's FMA peak is about 100). A wide frame's
+// block is first transposed into cache (8 x 8 tiles in registers), then runs on them as a
+// tall one's does. One micro-tile is MR x 16 outputs in 2 MR vector accumulators:
 //
 //   acc = A[MR x K] Bp[K x 16];   C = acc   or   C += alpha acc   (a partial tile: its first `valid` columns, +=)
 //
@@ -85,6 +86,7 @@ inline void micro_tile(int64_t K, const float* __restrict A, int64_t lda, const 
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4  // 5-10% faster than one k a turn (LLaMA-20M/60M shapes, 2 threads)
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(Bp + 16 * k), b1 = _mm256_loadu_ps(Bp + 16 * k + 8);
 #pragma GCC unroll 6
@@ -125,23 +127,34 @@ inline void prefetch_lines(const float* p, int64_t len, bool near) {
     _mm_prefetch(reinterpret_cast<const char*>(p + j), near ? _MM_HINT_T0 : _MM_HINT_T1);
 }
 
+// Prefetches (into L2) elements [e0, e1) of a region of rows `len` long (row stride ld),
+// counted row by row.
+inline void prefetch_region(const float* p, int64_t len, int64_t ld, int64_t e0, int64_t e1) {
+  while (e0 < e1) {
+    const int64_t row = e0 / len, col = e0 % len, end = std::min(e1 - row * len, len);
+    prefetch_lines(p + row * ld + col, end - col, false);
+    e0 = row * len + end;
+  }
+}
+
 // C[rows x cols] (+)= A[rows x K] Bp, Bp packed in 16-column tiles (tile t at Bp + 16 K t, the
 // last one possibly partial), six rows of A at a time. While a strip of six rows runs, the next
-// strip of A is fetched into L1 and, if W is given, the same six rows of W (row stride ldw)
-// into L2, spread over the strip's tiles: the block's gradient then arrives while the FMAs
-// run, and its parameter rows are in cache for the update that follows.
+// strip of A is fetched into L1 and, if W is given, a share of the region W (W_rows rows of
+// W_len values, row stride ldw) into L2, spread over the strip's tiles: the block's gradient
+// then arrives while the FMAs run, and the parameter is in cache for the update that follows.
 void micro_gemm(int64_t rows, int64_t K, int64_t cols, const float* A, int64_t lda, const float* Bp, float* C,
-                int64_t ldc, float alpha, bool accumulate, const float* W = nullptr, int64_t ldw = 0) {
-  const int64_t tiles = (cols + 15) / 16;
-  for (int64_t i = 0; i < rows; i += 6) {
+                int64_t ldc, float alpha, bool accumulate, const float* W = nullptr, int64_t W_rows = 0,
+                int64_t W_len = 0, int64_t ldw = 0) {
+  const int64_t tiles = (cols + 15) / 16, strips = (rows + 5) / 6;
+  for (int64_t s = 0, i = 0; i < rows; ++s, i += 6) {
     const float* a = A + i * lda;
     float* c = C + i * ldc;
     const int64_t next = std::max<int64_t>(0, std::min<int64_t>(6, rows - i - 6)) * lda;  // next strip of A
-    const int64_t wl = W ? std::min<int64_t>(6, rows - i) * ldw : 0;
+    const int64_t w0 = W ? s * W_rows / strips * W_len : 0, wl = W ? (s + 1) * W_rows / strips * W_len - w0 : 0;
     const int64_t na = (next + tiles - 1) / tiles, nw = (wl + tiles - 1) / tiles;
     for (int64_t t = 0; t < tiles; ++t) {
       if (next) prefetch_lines(a + 6 * lda + t * na, std::min(na, next - t * na), true);
-      if (wl) prefetch_lines(W + i * ldw + t * nw, std::min(nw, wl - t * nw), false);
+      if (wl) prefetch_region(W, W_len, ldw, w0 + std::min(wl, t * nw), w0 + std::min(wl, (t + 1) * nw));
       const float* b = Bp + t * K * 16;
       const int64_t valid = std::min<int64_t>(16, cols - 16 * t);
       switch (std::min<int64_t>(6, rows - i)) {
@@ -154,6 +167,71 @@ void micro_gemm(int64_t rows, int64_t K, int64_t cols, const float* A, int64_t l
       }
     }
   }
+}
+
+// The 8 x 8 tile at s (row stride lds), transposed into t[0..8): t[i] holds column i.
+inline void transpose8(const float* s, int64_t lds, __m256 t[8]) {
+  __m256 r[8], u[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * lds);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    u[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    u[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u: rows a, b interleaved, (a0 b0 a1 b1 | a4 b4 a5 b5) and (a2 b2 a3 b3 | a6 b6 a7 b7); then
+  // r: four rows' columns i and i + 4, (a0 b0 c0 d0 | a4 b4 c4 d4) for i = 0; t: the halves joined
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256* a = u + 4 * h;
+    r[4 * h] = _mm256_shuffle_ps(a[0], a[2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 1] = _mm256_shuffle_ps(a[0], a[2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * h + 2] = _mm256_shuffle_ps(a[1], a[3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 3] = _mm256_shuffle_ps(a[1], a[3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+}
+
+// T[j, k] = A[k, j] for k < K, j < B (A row stride lda, T row stride ldt).
+void transpose_into(const float* A, int64_t lda, int64_t K, int64_t B, float* T, int64_t ldt) {
+  const int64_t K8 = K / 8 * 8, B8 = B / 8 * 8;
+  __m256 c[8];
+  for (int64_t k = 0; k < K8; k += 8) {
+    for (int64_t j = 0; j < B8; j += 8) {
+      transpose8(A + k * lda + j, lda, c);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(T + (j + i) * ldt + k, c[i]);
+    }
+    for (int64_t i = k; i < k + 8; ++i)
+      for (int64_t j = B8; j < B; ++j) T[j * ldt + i] = A[i * lda + j];
+  }
+  for (int64_t i = K8; i < K; ++i)
+    for (int64_t j = 0; j < B; ++j) T[j * ldt + i] = A[i * lda + j];
+}
+
+// W[k, j] = W[k, j] decay + U[j, k] for k < K, j < B (W row stride ldw, U row stride ldu).
+void add_transposed(const float* U, int64_t ldu, int64_t B, int64_t K, float* W, int64_t ldw, float decay) {
+  const int64_t K8 = K / 8 * 8, B8 = B / 8 * 8;
+  const __m256 dc = _mm256_set1_ps(decay);
+  __m256 c[8];
+  for (int64_t k = 0; k < K8; k += 8) {
+    for (int64_t j = 0; j < B8; j += 8) {
+      transpose8(U + j * ldu + k, ldu, c);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        float* w = W + (k + i) * ldw + j;
+        _mm256_storeu_ps(w, _mm256_fmadd_ps(_mm256_loadu_ps(w), dc, c[i]));
+      }
+    }
+    for (int64_t i = k; i < k + 8; ++i)
+      for (int64_t j = B8; j < B; ++j) W[i * ldw + j] = W[i * ldw + j] * decay + U[j * ldu + i];
+  }
+  for (int64_t i = K8; i < K; ++i)
+    for (int64_t j = 0; j < B; ++j) W[i * ldw + j] = W[i * ldw + j] * decay + U[j * ldu + i];
 }
 #else
 #define SNSM_MICRO_GEMM 0
@@ -462,18 +540,20 @@ struct SmTask {
   bool has_v, tall;
   int64_t n, rows, cols, r, block, blocks;
   float b1, c1, vd, vg, e, st, dc, alpha;
-  // the micro-kernel's packed copies of Q (tall frames, AVX2 + FMA builds; empty otherwise):
-  // qp for R = A Q (r in 16-wide tiles, zero-padded to ldr), qt for X Q^T (Q^T in 16-wide tiles)
+  // the micro-kernel's packed copies of Q (AVX2 + FMA builds; empty otherwise): qp for
+  // R = A Q (r in 16-wide tiles, zero-padded to ldr), qt for X Q^T (Q^T in 16-wide tiles,
+  // zero-padded to ldt)
   std::vector<float> qp, qt;
   int64_t ldr = 0;  // row stride of a block's R: r, or r rounded up to 16 with qp
+  int64_t ldt = 0;  // row stride of a wide block's transposed copy: cols rounded up to 16
 };
 
-// Fills a tall task's qp and qt (one pass over Q each; Q is small: cols x r).
+// Fills a task's qp and qt (one pass over Q each; Q is small: cols x r).
 void pack_projector(SmTask& t) {
 #if SNSM_MICRO_GEMM
-  if (!t.tall) return;
   const int64_t r = t.r, cols = t.cols, rt = (r + 15) / 16, ct = (cols + 15) / 16;
   t.ldr = 16 * rt;
+  t.ldt = 16 * ct;
   t.qp.assign(rt * cols * 16, 0.f);
   t.qt.assign(ct * r * 16, 0.f);
   for (int64_t k = 0; k < cols; ++k)
@@ -526,8 +606,8 @@ SmTask prepare_sm(at::Tensor p, at::Tensor g, at::Tensor mom, at::Tensor q, at::
   return t;
 }
 
-// Block b of a prepared matrix (R, D: scratch, grown as needed).
-void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<float>& D) {
+// Block b of a prepared matrix (R, D, T: scratch, grown as needed).
+void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<float>& D, std::vector<float>& T) {
   const int64_t r = t.r, cols = t.cols, n = t.n;
   const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
   const int64_t ldr = t.ldr;
@@ -543,7 +623,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     float* Mb = t.Mo + i0 * r;
 #if SNSM_MICRO_GEMM
     if (micro)
-      micro_gemm(B, cols, ldr, A, cols, t.qp.data(), R.data(), ldr, 1.f, false, W, cols);  // R = A Q
+      micro_gemm(B, cols, ldr, A, cols, t.qp.data(), R.data(), ldr, 1.f, false, W, B, cols, cols);  // R = A Q
     else
 #endif
       gemm('N', 'N', r, B, cols, 1.f, t.Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
@@ -576,10 +656,45 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
       gemm('T', 'N', cols, B, r, t.alpha, t.Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
     return;
   }
-  // columns i0.. of G, W (m x B, row stride n), of Mo (r x B, row stride n); R row-major r x B
+  // columns i0.. of G, W (m x B, row stride n), of Mo (r x B, row stride n)
   const float* A = t.G + i0;
   float* W = t.P + i0;
   float* Mb = t.Mo + i0;
+#if SNSM_MICRO_GEMM
+  if (micro) {
+    // The block transposed into cache (U = G[:, block]^T, B x cols, row stride ldt) makes it a
+    // tall frame's block for the tiles: R = U Q (B x r, row stride ldr); then U's rows become
+    // -step decay G_j / D_j, U += alpha X Q^T, and W[:, block] = W decay + U^T.
+    const int64_t ldt = t.ldt;
+    if (static_cast<int64_t>(T.size()) < t.block * ldt) T.resize(t.block * ldt);
+    float* U = T.data();
+    transpose_into(A, n, cols, B, U, ldt);
+    micro_gemm(B, cols, ldr, U, ldt, t.qp.data(), R.data(), ldr, 1.f, false, W, cols, B, n);  // R = U Q
+    for (int64_t j = 0; j < B; ++j) {
+      float* u = U + j * ldt;
+      float inv = 1.f;  // 1 / D_j
+      if (t.has_v) {
+        const float vj = vd * V[i0 + j] + vg * square_sum(u, cols);
+        V[i0 + j] = vj;
+        inv = 1.f / (std::sqrt(vj) + e);
+      }
+      float* x = R.data() + j * ldr;
+      for (int64_t k = 0; k < r; ++k) {
+        float& mo = Mb[k * n + j];
+        const float mk = b1 * mo + c1 * x[k];
+        mo = mk;
+        x[k] = (mk - x[k]) * inv;
+      }
+      const float s = -st * inv * dc;
+#pragma omp simd
+      for (int64_t k = 0; k < cols; ++k) u[k] *= s;
+    }
+    micro_gemm(B, r, ldt, R.data(), ldr, t.qt.data(), U, ldt, t.alpha, true);  // U += alpha X Q^T
+    add_transposed(U, ldt, B, cols, W, n, dc);
+    return;
+  }
+#endif
+  // R row-major r x B
   gemm('N', 'T', B, r, cols, 1.f, A, n, t.Q, r, 0.f, R.data(), B);  // R^T = Q^T G[:, block]
   if (t.has_v) {
     for (int64_t j = 0; j < B; ++j) D[j] = 0.f;
@@ -686,12 +801,12 @@ void fused_step(std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vecto
   std::atomic<int64_t> next_piece{0}, next_block{0};
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> R, D;
+    std::vector<float> R, D, T;
     auto stream = [&] {
       for (int64_t i; (i = next_piece.fetch_add(1)) < n_pieces;) run(*pieces[i].task, pieces[i].lo, pieces[i].hi);
     };
     auto compute = [&] {
-      for (int64_t i; (i = next_block.fetch_add(1)) < n_blocks;) run_block(*blocks[i].first, blocks[i].second, R, D);
+      for (int64_t i; (i = next_block.fetch_add(1)) < n_blocks;) run_block(*blocks[i].first, blocks[i].second, R, D, T);
     };
     for (int64_t k = lo; k < hi; ++k) {
       if (k == 0) {
