@@ -17,7 +17,8 @@ dense basis, the kernel's one-pass step therefore takes the whole step block by
 block of rows: ``R = A Q`` for the block, ``v``, ``M``, ``X = (M - R) / D``,
 ``W <- (W - s A / D) decay`` and the rank-r ``W -= s decay X Q^T``, while the
 block is in cache (``G`` and ``W`` read once, ``W`` written once; the two small
-GEMMs call the BLAS torch ships). Elsewhere (CUDA, a row selection) it is the
+GEMMs run on the kernel's own AVX2/FMA tiles where the build targets them, a
+wide frame's block transposed into cache first, else on the BLAS torch ships). Elsewhere (CUDA, a row selection) it is the
 kernel's pass for ``A / D`` (which also updates ``v``), one small
 ``(M - R) / D`` (``M x r``) and one rank-r ``addmm_`` straight into the
 parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
