@@ -200,9 +200,38 @@ def unusable():
     return res
 
 
+def overlap():
+    """run_overlapped sums what the steps yield over the ranks before they go on: small requests
+    bucketed into one message per dtype, large ones on their own, steps that yield nothing left alone."""
+    from snsm import distributed
+
+    big = distributed.BUCKET_BYTES // 4 + 3  # float32 values: just over the bucket limit
+    shapes = [(5,), (3, 4), (big,), (2, 7), (1,), (big // 2 + 1, 2)]
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float32, torch.float64, torch.float64]
+    seen, ran = {}, []
+
+    def step(i, shape, dtype):
+        base = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=dtype).view(shape) * (i + 1)
+        t = base * (RANK + 1)
+        yield distributed.Reduce(t, MESH.get_group())
+        seen[i] = torch.equal(t, base * (WORLD * (WORLD + 1) // 2))
+
+    def quiet():
+        ran.append("quiet")
+        return
+        yield  # a generator that finishes on its first next
+
+    steps = [step(i, s, d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    steps.insert(2, quiet())
+    distributed.run_overlapped(steps, meanwhile=lambda: ran.append("meanwhile"))
+    res = {f"request {i} {shapes[i]} {dtypes[i]}": seen.get(i, False) for i in range(len(shapes))}
+    res["quiet step and meanwhile ran once each"] = sorted(ran) == ["meanwhile", "quiet"]
+    return res
+
+
 if __name__ == "__main__":
     scenario, out = sys.argv[1], sys.argv[2]
-    results = {"parity": parity, "ddp": ddp, "unusable": unusable}.get(scenario)
+    results = {"parity": parity, "ddp": ddp, "unusable": unusable, "overlap": overlap}.get(scenario)
     results = results() if results else (dcp_resume(sys.argv[3]) if scenario == "dcp" else reshard_load(sys.argv[3]))
     if RANK == 0:
         with open(out, "w") as f:

@@ -46,6 +46,12 @@ def test_sharded_usable_gradient_check_agrees_with_the_whole_matrix(tmp_path):
     assert not failures(results), failures(results)
 
 
+def test_overlapped_steps_get_their_sums_small_ones_bucketed_large_ones_alone(tmp_path):
+    results = run("overlap", 2, tmp_path)
+    assert len(results) == 7
+    assert not failures(results), failures(results)
+
+
 def test_ddp_matches_single_process(tmp_path):
     results = run("ddp", 2, tmp_path)
     assert results and not failures(results)

@@ -7,7 +7,7 @@ rows ``[r0, r0 + m_local)``. Per step, the communication is:
 
 =====================================  ===========================================
 Subset-Norm, coordinate-wise / per row  none (state sharded like the parameter)
-Subset-Norm, per column (wide "auto")   all-reduce of ``n`` column sums
+Subset-Norm, per column (wide "auto")   all-reduce of ``n`` column sums (bucketed, asynchronous)
 Subset-Norm, flat subsets (int size)    all-reduce of ``K ~ sqrt(d)`` subset sums
 SM, dense basis, tall matrix            none (``G Q`` and the momentum are row-local)
 SM, dense basis, wide matrix            all-reduce of ``R = Q^T G`` (``r x n``), with the
@@ -44,7 +44,7 @@ from . import subspace as sm
 from .subset_norm import SubsetLayout
 
 __all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_",
-           "sharded_step", "run_overlapped", "gather_rows"]
+           "sharded_step", "run_overlapped", "Reduce", "gather_rows"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -256,8 +256,8 @@ def local_views(param, grad, state):
 
 
 def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
-    """The kernel's one pass on this rank's rows (a generator: per-column sums are all-reduced
-    asynchronously, yielding meanwhile)."""
+    """The kernel's one pass on this rank's rows (a generator: it yields its per-column sums as a
+    :class:`Reduce` and goes on once they are summed over the ranks)."""
     from .fused import _EMPTY, _kernel_layout, _second_moment, kernel_for
     from .optimizer import step_scale
 
@@ -276,9 +276,7 @@ def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay
     update_v = True
     if beta2 is not None and kind == 2:  # column sums cross the shards
         sums = (g.view(shard.count, shard.cols) ** 2).sum(dim=0)
-        work = dist.all_reduce(sums, group=shard.group, async_op=True)
-        yield
-        work.wait()
+        yield Reduce(sums, shard.group)
         v.mul_(v_decay).add_(sums.view(v.shape), alpha=v_gain)
         update_v = False
     kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, update_v, eps,
@@ -316,9 +314,7 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
         torch.mm(q.T, g, out=both[: q.shape[1]])
         if beta2 is not None:
             torch.sum(g * g, dim=0, out=both[-1])
-        work = dist.all_reduce(both, group=shard.group, async_op=True)
-        yield  # other parameters' steps run while the sums travel
-        work.wait()
+        yield Reduce(both, shard.group)  # other parameters' steps run while the sums travel
         r = both[: q.shape[1]]
         if beta2 is not None:
             v.mul_(v_decay).add_(both[-1].view(v.shape), alpha=v_gain)
@@ -334,33 +330,82 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
         p2d.addmm_(q, x, alpha=-scale * decay)
 
 
+class Reduce(NamedTuple):
+    """What a :func:`sharded_step` generator yields: ``tensor``, to be summed over ``group`` in
+    place before the step goes on."""
+
+    tensor: torch.Tensor
+    group: object
+
+
 def sn_step_sharded_(param, grad, state, **options) -> None:
     """:func:`snsm.optimizer.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
-    for _ in sharded_step(param, grad, state, **options):
-        pass
+    for request in sharded_step(param, grad, state, **options):
+        dist.all_reduce(request.tensor, group=request.group)
+
+
+BUCKET_BYTES = 1 << 16  # sums smaller than this travel together (see run_overlapped)
+
+
+def _launch_bucketed(requests):
+    """All-reduce the requests' tensors asynchronously, one message per process group and dtype
+    (a collective costs the same fixed latency for a few bytes as for a few kilobytes); returns
+    what :func:`_finish_bucketed` needs."""
+    buckets = {}  # (group, dtype, device) -> tensors, in the order the requests came (the same on every rank)
+    for req in requests:
+        buckets.setdefault((req.group, req.tensor.dtype, req.tensor.device), []).append(req.tensor)
+    launched = []
+    for (group, _, _), tensors in buckets.items():
+        flat = tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        launched.append((dist.all_reduce(flat, group=group, async_op=True), flat, tensors))
+    return launched
+
+
+def _finish_bucketed(launched) -> None:
+    for work, flat, tensors in launched:
+        work.wait()
+        if len(tensors) > 1:
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def run_overlapped(steps, meanwhile=None) -> None:
     """Run :func:`sharded_step` generators so their all-reduces overlap: every step up to its
-    collective (launched asynchronously, in the same order on every rank), then ``meanwhile()``
-    (other work to hide them behind, e.g. the kernel call for everything else), then each step
-    to the end."""
-    steps = list(steps)
+    collective, launched asynchronously (in the same order on every rank): at once if it is
+    large (``BUCKET_BYTES`` or more: a wide matrix's ``R``, which travels while the next steps
+    compute theirs), else bucketed with the other small ones into one message per process group
+    once every step has come that far (column sums: one fixed latency instead of one each).
+    Then ``meanwhile()`` (other work to hide them behind, e.g. the kernel call for everything
+    else), then each step to the end."""
+    pending, small, launched = [], [], []
     for s in steps:
-        next(s, None)
+        request = next(s, None)
+        if request is None:
+            continue
+        pending.append((s, request))
+        if request.tensor.numel() * request.tensor.element_size() >= BUCKET_BYTES:
+            launched += _launch_bucketed([request])
+        else:
+            small.append(request)
+    launched += _launch_bucketed(small)
     if meanwhile is not None:
         meanwhile()
-    for s in steps:
-        for _ in s:
-            pass
+    _finish_bucketed(launched)
+    for s, _ in pending:
+        for request in s:  # a step yields once; a further request would be summed on its own
+            dist.all_reduce(request.tensor, group=request.group)
 
 
 def sharded_step(
     param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
 ):
-    """:func:`sn_step_sharded_` as a generator: it yields once its per-step all-reduce is in flight
-    (wide matrices under the fused subspace step), so the caller can work on other parameters
-    meanwhile (:func:`run_overlapped`); other steps run to completion on the first ``next``."""
+    """:func:`sn_step_sharded_` as a generator: where its step needs a per-step sum over the ranks
+    (column sums; ``R = Q^T G`` of a wide matrix under the fused subspace step), it yields a
+    :class:`Reduce` and goes on once the caller has summed it (:func:`run_overlapped` buckets those
+    of many parameters into one asynchronous message and works on other parameters meanwhile);
+    other steps run to completion on the first ``next``."""
     from .optimizer import Workspace, _refresh_projector, apply_update_, step_scale
 
     shard = row_sharding(param)
