@@ -76,10 +76,11 @@ def test_llama_like_gives_the_same_gradients_on_any_device():
 
 
 def test_the_gpu_check_script_asks_for_rows_the_benchmark_knows():
-    import pathlib
     import re
 
-    script = (pathlib.Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    from conftest import ROOT
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     (listed,) = re.findall(r'--optimizers "([^"]+)"', script)
     (models,) = re.findall(r"--models (\S+)", script)
     rows = [s.strip() for s in listed.split(",")]

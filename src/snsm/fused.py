@@ -18,13 +18,13 @@ block of rows: ``R = A Q`` for the block, ``v``, ``M``, ``X = (M - R) / D``,
 ``W <- (W - s A / D) decay`` and the rank-r ``W -= s decay X Q^T``, while the
 block is in cache (``G`` and ``W`` read once, ``W`` written once; the two small
 GEMMs run on the kernel's own AVX2/FMA tiles where the build targets them, a
-wide frame's block transposed into cache first, else on the BLAS torch ships). Elsewhere (CUDA, a row selection) it is the
-kernel's pass for ``A / D`` (which also updates ``v``), one small
-``(M - R) / D`` (``M x r``) and one rank-r ``addmm_`` straight into the
-parameter (for a row selection, an ``index_add_`` of ``r`` rows instead). Other
-partitions build the numerator once in a scratch buffer and apply it with the
-kernel. State layout is identical to the reference path, so checkpoints move
-between paths.
+wide frame's block transposed into cache first, else on the BLAS torch ships).
+Elsewhere (CUDA, a row selection) it is the kernel's pass for ``A / D`` (which
+also updates ``v``), one small ``(M - R) / D`` (``M x r``) and one rank-r
+``addmm_`` straight into the parameter (for a row selection, an ``index_add_``
+of ``r`` rows instead). Other partitions build the numerator once in a scratch
+buffer and apply it with the kernel. State layout is identical to the
+reference path, so checkpoints move between paths.
 
 A step makes one kernel call for all of it (:func:`fused_steps_`, every group
 at once): the parameters taken whole and the one-pass subspace matrices go
