@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 // The BLAS that torch's CPU build exports (MKL or OpenBLAS, Fortran interface). Weak:
@@ -540,26 +542,49 @@ struct SmTask {
   bool has_v, tall;
   int64_t n, rows, cols, r, block, blocks;
   float b1, c1, vd, vg, e, st, dc, alpha;
-  // the micro-kernel's packed copies of Q (AVX2 + FMA builds; empty otherwise): qp for
+  // the micro-kernel's packed copies of Q (AVX2 + FMA builds; null otherwise): qp for
   // R = A Q (r in 16-wide tiles, zero-padded to ldr), qt for X Q^T (Q^T in 16-wide tiles,
   // zero-padded to ldt)
-  std::vector<float> qp, qt;
+  std::unique_ptr<float[]> qp, qt;
   int64_t ldr = 0;  // row stride of a block's R: r, or r rounded up to 16 with qp
   int64_t ldt = 0;  // row stride of a wide block's transposed copy: cols rounded up to 16
 };
 
-// Fills a task's qp and qt (one pass over Q each; Q is small: cols x r).
+// Fills a task's qp and qt (one pass over Q each; Q is small: cols x r). Both are written
+// whole, padding included, so they start uninitialized.
 void pack_projector(SmTask& t) {
 #if SNSM_MICRO_GEMM
   const int64_t r = t.r, cols = t.cols, rt = (r + 15) / 16, ct = (cols + 15) / 16;
   t.ldr = 16 * rt;
   t.ldt = 16 * ct;
-  t.qp.assign(rt * cols * 16, 0.f);
-  t.qt.assign(ct * r * 16, 0.f);
-  for (int64_t k = 0; k < cols; ++k)
-    for (int64_t j = 0; j < r; ++j) t.qp[((j / 16) * cols + k) * 16 + j % 16] = t.Q[k * r + j];
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t k = 0; k < r; ++k) t.qt[((c / 16) * r + k) * 16 + c % 16] = t.Q[c * r + k];
+  t.qp.reset(new float[rt * cols * 16]);
+  t.qt.reset(new float[ct * r * 16]);
+  // qp, tile j: columns 16 j .. 16 j + 15 of Q, row by row (16 values per row of Q)
+  for (int64_t j = 0; j < rt; ++j) {
+    const int64_t w = std::min<int64_t>(16, r - 16 * j);
+    float* dst = t.qp.get() + j * cols * 16;
+    const float* src = t.Q + 16 * j;
+    for (int64_t k = 0; k < cols; ++k, dst += 16, src += r) {
+      std::memcpy(dst, src, w * sizeof(float));
+      std::fill(dst + w, dst + 16, 0.f);
+    }
+  }
+  // qt, tile c: rows 16 c .. 16 c + 15 of Q transposed (r rows of 16 values), 8 x 8 at a time
+  float* qt = t.qt.get();
+  const int64_t r8 = r / 8 * 8, c8 = cols / 8 * 8;
+  __m256 v[8];
+  for (int64_t c = 0; c < c8; c += 8) {
+    float* tile = qt + (c / 16) * r * 16 + c % 16;
+    for (int64_t k = 0; k < r8; k += 8) {
+      transpose8(t.Q + c * r + k, r, v);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(tile + (k + i) * 16, v[i]);
+    }
+    for (int64_t k = r8; k < r; ++k)
+      for (int64_t i = 0; i < 8; ++i) tile[k * 16 + i] = t.Q[(c + i) * r + k];
+  }
+  for (int64_t c = c8; c < 16 * ct; ++c)  // the last rows of Q, then zeros up to the tile's 16
+    for (int64_t k = 0; k < r; ++k) qt[((c / 16) * r + k) * 16 + c % 16] = c < cols ? t.Q[c * r + k] : 0.f;
 #else
   (void)t;
 #endif
@@ -611,7 +636,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
   const int64_t r = t.r, cols = t.cols, n = t.n;
   const float b1 = t.b1, c1 = t.c1, vd = t.vd, vg = t.vg, e = t.e, st = t.st, dc = t.dc;
   const int64_t ldr = t.ldr;
-  const bool micro = !t.qp.empty();
+  const bool micro = t.qp != nullptr;
   if (static_cast<int64_t>(R.size()) < t.block * ldr) R.resize(t.block * ldr);  // ldr >= r
   if (static_cast<int64_t>(D.size()) < t.block) D.resize(t.block);
   const int64_t i0 = b * t.block, B = std::min(t.rows, i0 + t.block) - i0;
@@ -623,7 +648,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     float* Mb = t.Mo + i0 * r;
 #if SNSM_MICRO_GEMM
     if (micro)
-      micro_gemm(B, cols, ldr, A, cols, t.qp.data(), R.data(), ldr, 1.f, false, W, B, cols, cols);  // R = A Q
+      micro_gemm(B, cols, ldr, A, cols, t.qp.get(), R.data(), ldr, 1.f, false, W, B, cols, cols);  // R = A Q
     else
 #endif
       gemm('N', 'N', r, B, cols, 1.f, t.Q, r, A, cols, 0.f, R.data(), r);  // R = A Q
@@ -650,7 +675,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     }
 #if SNSM_MICRO_GEMM
     if (micro)
-      micro_gemm(B, r, cols, R.data(), ldr, t.qt.data(), W, cols, t.alpha, true);  // W += alpha X Q^T
+      micro_gemm(B, r, cols, R.data(), ldr, t.qt.get(), W, cols, t.alpha, true);  // W += alpha X Q^T
     else
 #endif
       gemm('T', 'N', cols, B, r, t.alpha, t.Q, r, R.data(), r, 1.f, W, cols);  // W += alpha X Q^T
@@ -669,7 +694,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     if (static_cast<int64_t>(T.size()) < t.block * ldt) T.resize(t.block * ldt);
     float* U = T.data();
     transpose_into(A, n, cols, B, U, ldt);
-    micro_gemm(B, cols, ldr, U, ldt, t.qp.data(), R.data(), ldr, 1.f, false, W, cols, B, n);  // R = U Q
+    micro_gemm(B, cols, ldr, U, ldt, t.qp.get(), R.data(), ldr, 1.f, false, W, cols, B, n);  // R = U Q
     for (int64_t j = 0; j < B; ++j) {
       float* u = U + j * ldt;
       float inv = 1.f;  // 1 / D_j
@@ -689,7 +714,7 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
 #pragma omp simd
       for (int64_t k = 0; k < cols; ++k) u[k] *= s;
     }
-    micro_gemm(B, r, ldt, R.data(), ldr, t.qt.data(), U, ldt, t.alpha, true);  // U += alpha X Q^T
+    micro_gemm(B, r, ldt, R.data(), ldr, t.qt.get(), U, ldt, t.alpha, true);  // U += alpha X Q^T
     add_transposed(U, ldt, B, cols, W, n, dc);
     return;
   }
