@@ -360,3 +360,57 @@ def test_one_pass_subspace_step_computes_the_defined_step(m, n, r):
     torch.testing.assert_close(frame(ours[0]), w, rtol=1e-5, atol=2e-6, check_dtype=False)
     torch.testing.assert_close(frame(ours[1]), mo, rtol=1e-5, atol=2e-6, check_dtype=False)
     torch.testing.assert_close(ours[2].double(), vv, rtol=1e-5, atol=1e-6)
+
+
+GRAM_SHAPES = [  # (M, N): N on and off the 16-wide tiles, every remainder of the six-row strips, M over
+    # several row chunks
+    (1000, 256), (997, 40), (301, 250), (64, 48), (300, 7), (5, 1), (3000, 100), (2, 33), (500, 11), (123, 14),
+]
+
+
+@pytest.mark.parametrize("m,n", GRAM_SHAPES, ids=[f"{m}x{n}" for m, n in GRAM_SHAPES])
+def test_gram_is_a_transpose_a_exactly_symmetric_on_any_thread_count(m, n):
+    """The kernel's Gram matrix (what an "svd" refresh factors) against A^T A in float64; its lower
+    triangle is its upper one; one thread sums every entry in the order two do."""
+    a = torch.randn(m, n, generator=torch.Generator().manual_seed(3))
+    ours = cpu_kernel().gram(a)
+    ref = a.double().T @ a.double()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5 * ref.diagonal().max().item())
+    assert torch.equal(ours, ours.T)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cpu_kernel().gram(a)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ours)
+
+
+def test_gram_refuses_what_it_cannot_read():
+    k = cpu_kernel()
+    for bad in (torch.randn(8, 6).T, torch.randn(8, 6, dtype=torch.float64), torch.randn(8)):
+        with pytest.raises(RuntimeError, match="contiguous 2-D float32"):
+            k.gram(bad)
+
+
+def test_svd_refresh_takes_the_kernels_gram_for_a_contiguous_tall_frame(monkeypatch):
+    """build_projector("svd") on a head-sized gradient gets its Gram matrix from the kernel, and
+    the basis spans the leading right singular vectors; a wide gradient (a transposed frame)
+    takes the matmul, the same subspace."""
+    from snsm import subspace as sm
+
+    calls = []
+    real = cpu_kernel().gram
+
+    monkeypatch.setattr(sm, "cpu_kernel", lambda: type("K", (), {"gram": staticmethod(
+        lambda a: calls.append(tuple(a.shape)) or real(a))})())
+    gen = torch.Generator().manual_seed(4)
+    u = torch.linalg.qr(torch.randn(4096, 32, generator=gen)).Q
+    vt = torch.linalg.qr(torch.randn(64, 32, generator=gen)).Q.T
+    g = u @ torch.diag(torch.logspace(0, -3, 32)) @ vt  # 4096 x 64, known right singular vectors
+    for grad, top in ((g, vt[:8].T), (g.T.contiguous(), vt[:8].T)):
+        q = sm.build_projector("svd", grad, 8)
+        assert q.shape == (64, 8)
+        # the same subspace: the projector onto one maps the other onto itself
+        torch.testing.assert_close(q @ (q.T @ top), top, atol=1e-4, rtol=0)
+    assert calls == [(4096, 64)]

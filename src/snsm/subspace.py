@@ -57,6 +57,8 @@ from typing import Optional
 
 import torch
 
+from ._kernels import cpu_kernel
+
 __all__ = [
     "PROJECTIONS",
     "DENSE_PROJECTIONS",
@@ -162,9 +164,20 @@ def _gram_basis(a: torch.Tensor, rank: int) -> torch.Tensor:
     ``sqrt(float32 eps) * sigma_1`` are resolved no better than the gradient's
     noise floor; the leading ones agree with the SVD's to float32 precision.
     """
-    gram = (a.T @ a).double()
+    gram = _gram(a).double()
     _, vecs = torch.linalg.eigh(gram)
     return vecs[:, -rank:].flip(1).to(a.dtype).contiguous()
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``A^T A``. For a contiguous float32 CPU ``A``, the fused kernel's (:mod:`snsm._kernels`
+    ``gram``: only the tiles on and above the diagonal, half a matmul's products, and exactly
+    symmetric; 1.7-2x faster than ``a.T @ a`` on a 32000 x 256 or x 512 output head); else a matmul."""
+    if a.device.type == "cpu" and a.dtype == torch.float32 and a.is_contiguous() and not torch.compiler.is_compiling():
+        k = cpu_kernel()
+        if k is not None:
+            return k.gram(a)
+    return a.T @ a
 
 
 def _randomized_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:

@@ -235,6 +235,62 @@ void add_transposed(const float* U, int64_t ldu, int64_t B, int64_t K, float* W,
   for (int64_t i = K8; i < K; ++i)
     for (int64_t j = 0; j < B; ++j) W[i * ldw + j] = W[i * ldw + j] * decay + U[j * ldu + i];
 }
+
+// The Gram matrix's micro-tile: C[MR x 16] (+)= A[k0.., i..i+MR)^T A[k0.., j..j+16) over K rows of a
+// row-major A (row stride lda): both operands are rows of A, MR values broadcast and 16 loaded
+// (the first `valid`, masked, in a last partial tile). `accumulate`: add to C, else write it.
+template <int MR>
+inline void gram_tile(int64_t K, const float* __restrict a, const float* __restrict b, int64_t lda,
+                      float* __restrict C, int64_t ldc, bool accumulate, int64_t valid) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  if (valid == 16) {
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = b + k * lda;
+      const __m256 b0 = _mm256_loadu_ps(row), b1 = _mm256_loadu_ps(row + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) {
+        const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
+        c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
+      }
+    }
+  } else {
+    alignas(32) int32_t lanes[16];
+    for (int j = 0; j < 16; ++j) lanes[j] = j < valid ? -1 : 0;
+    const __m256i m0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)),
+                  m1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8));
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = b + k * lda;
+      const __m256 b0 = _mm256_maskload_ps(row, m0), b1 = _mm256_maskload_ps(row + 8, m1);
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) {
+        const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
+        c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
+      }
+    }
+  }
+  alignas(32) float tile[16];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (valid == 16) {
+      if (accumulate) {
+        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
+        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, c0[i]);
+      _mm256_storeu_ps(c + 8, c1[i]);
+    } else {
+      _mm256_store_ps(tile, c0[i]);
+      _mm256_store_ps(tile + 8, c1[i]);
+      for (int64_t j = 0; j < valid; ++j) c[j] = accumulate ? c[j] + tile[j] : tile[j];
+    }
+  }
+}
 #else
 #define SNSM_MICRO_GEMM 0
 #endif
@@ -759,6 +815,62 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
 
 }  // namespace
 
+// C = A^T A for a row-major M x N float32 A (the Gram matrix of a tall frame, what an "svd"
+// refresh factors). On the AVX2 tiles: only the tiles on and above the diagonal (half the
+// products of a general GEMM), chunk by chunk of A's rows (at most 128, about 256 KiB), so a
+// chunk is reused from cache by every tile; strips of six rows of C are dealt round-robin to
+// the threads. Every entry is summed in the same order (rows of A ascending) whatever the
+// number of threads. Elsewhere: the BLAS. Either way the lower triangle is then copied from
+// the upper one, so C is exactly symmetric.
+at::Tensor gram(at::Tensor a) {
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.is_contiguous(),
+              "gram: A must be a contiguous 2-D float32 CPU tensor");
+  const int64_t M = a.size(0), N = a.size(1);
+  at::Tensor c = at::empty({N, N}, a.options());
+  float* C = c.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  if (N == 0) return c;
+  if (M == 0) return c.zero_();
+#if SNSM_MICRO_GEMM
+  // a chunk of rows is copied (by each thread, into its own cache) at a row stride one cache
+  // line past a multiple of 16 floats: at A's own power-of-two strides the rows a tile walks
+  // down would share a few L1 sets and evict each other
+  const int64_t strips = (N + 5) / 6, ld = (N + 15) / 16 * 16 + 16;
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 16) / ld, 16, 128);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), strips));
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> buf(chunk * ld);
+    for (int64_t tid = lo; tid < hi; ++tid)
+      for (int64_t k0 = 0; k0 < M; k0 += chunk) {
+        const int64_t K = std::min(chunk, M - k0);
+        for (int64_t k = 0; k < K; ++k) std::memcpy(buf.data() + k * ld, A + (k0 + k) * N, N * sizeof(float));
+        const float* rows = buf.data();
+        for (int64_t s = tid; s < strips; s += threads) {
+          const int64_t i = 6 * s, mr = std::min<int64_t>(6, N - i);
+          for (int64_t j = i / 16 * 16; j < N; j += 16) {
+            const int64_t valid = std::min<int64_t>(16, N - j);
+            float* out = C + i * N + j;
+            switch (mr) {
+              case 6: gram_tile<6>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+              case 5: gram_tile<5>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+              case 4: gram_tile<4>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+              case 3: gram_tile<3>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+              case 2: gram_tile<2>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+              default: gram_tile<1>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
+            }
+          }
+        }
+      }
+  });
+#else
+  TORCH_CHECK(sm_step_available(), "gram: no BLAS in this torch build");
+  gemm('N', 'T', N, N, M, 1.f, A, N, A, N, 0.f, C, N);  // column-major C = A^T A of row-major A
+#endif
+  for (int64_t i = 1; i < N; ++i)
+    for (int64_t j = 0; j < i; ++j) C[i * N + j] = C[j * N + i];
+  return c;
+}
+
 // One step of everything on the fast path, in one parallel region: `whole` tensors
 // (sn_step, memory-bound; coefficients per tensor: beta1, v_decay, v_gain, eps, step,
 // decay) and subspace matrices (the one-pass step, its GEMMs compute-bound; the same six plus m,
@@ -851,5 +963,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("sn_accumulate", &sn_accumulate, "Subset-Norm accumulator update (in place)");
   module.def("fused_step", &fused_step,
              "sn_step and the one-pass subspace step for lists of tensors in one parallel region (in place)");
+  module.def("gram", &gram, "A^T A of a contiguous float32 matrix (exactly symmetric)");
   module.def("sm_step_available", &sm_step_available, "whether the one-pass subspace step has a BLAS to call");
 }
