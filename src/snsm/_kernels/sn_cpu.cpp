@@ -603,7 +603,9 @@ struct SmTask {
   // zero-padded to ldt)
   std::unique_ptr<float[]> qp, qt;
   int64_t ldr = 0;  // row stride of a block's R: r, or r rounded up to 16 with qp
-  int64_t ldt = 0;  // row stride of a wide block's transposed copy: cols rounded up to 16
+  int64_t ldt = 0;  // width of a wide block's transposed copy: cols rounded up to 16
+  int64_t ldu = 0;  // its row stride: ldt and a cache line more (a power-of-two stride would
+                    // put a strip's rows in a few L1 sets)
 };
 
 // Fills a task's qp and qt (one pass over Q each; Q is small: cols x r). Both are written
@@ -613,6 +615,7 @@ void pack_projector(SmTask& t) {
   const int64_t r = t.r, cols = t.cols, rt = (r + 15) / 16, ct = (cols + 15) / 16;
   t.ldr = 16 * rt;
   t.ldt = 16 * ct;
+  t.ldu = t.ldt + 16;
   t.qp.reset(new float[rt * cols * 16]);
   t.qt.reset(new float[ct * r * 16]);
   // qp, tile j: columns 16 j .. 16 j + 15 of Q, row by row (16 values per row of Q)
@@ -746,13 +749,13 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
     // The block transposed into cache (U = G[:, block]^T, B x cols, row stride ldt) makes it a
     // tall frame's block for the tiles: R = U Q (B x r, row stride ldr); then U's rows become
     // -step decay G_j / D_j, U += alpha X Q^T, and W[:, block] = W decay + U^T.
-    const int64_t ldt = t.ldt;
-    if (static_cast<int64_t>(T.size()) < t.block * ldt) T.resize(t.block * ldt);
+    const int64_t ldt = t.ldt, ldu = t.ldu;
+    if (static_cast<int64_t>(T.size()) < t.block * ldu) T.resize(t.block * ldu);
     float* U = T.data();
-    transpose_into(A, n, cols, B, U, ldt);
-    micro_gemm(B, cols, ldr, U, ldt, t.qp.get(), R.data(), ldr, 1.f, false, W, cols, B, n);  // R = U Q
+    transpose_into(A, n, cols, B, U, ldu);
+    micro_gemm(B, cols, ldr, U, ldu, t.qp.get(), R.data(), ldr, 1.f, false, W, cols, B, n);  // R = U Q
     for (int64_t j = 0; j < B; ++j) {
-      float* u = U + j * ldt;
+      float* u = U + j * ldu;
       float inv = 1.f;  // 1 / D_j
       if (t.has_v) {
         const float vj = vd * V[i0 + j] + vg * square_sum(u, cols);
@@ -770,8 +773,8 @@ void run_block(const SmTask& t, int64_t b, std::vector<float>& R, std::vector<fl
 #pragma omp simd
       for (int64_t k = 0; k < cols; ++k) u[k] *= s;
     }
-    micro_gemm(B, r, ldt, R.data(), ldr, t.qt.get(), U, ldt, t.alpha, true);  // U += alpha X Q^T
-    add_transposed(U, ldt, B, cols, W, n, dc);
+    micro_gemm(B, r, ldt, R.data(), ldr, t.qt.get(), U, ldu, t.alpha, true);  // U += alpha X Q^T
+    add_transposed(U, ldu, B, cols, W, n, dc);
     return;
   }
 #endif
