@@ -35,6 +35,37 @@ def test_fwht_is_the_orthonormal_hadamard_transform():
         sm.fwht(torch.randn(12, 2))
 
 
+def test_hadamard_rows_are_rows_of_the_orthonormal_hadamard_matrix():
+    rows = torch.tensor([0, 5, 13, 2, 15])
+    full = sm.fwht(torch.eye(16, dtype=torch.float64))  # H / 4, symmetric
+    for columns in (16, 11, 9, 1):
+        torch.testing.assert_close(sm.hadamard_rows(rows, 16, columns, torch.float64), full[rows, :columns])
+    for order, columns in ((12, 5), (16, 17), (16, 0)):
+        with pytest.raises(ValueError, match="power-of-two order"):
+            sm.hadamard_rows(rows, order, columns)
+
+
+@pytest.mark.parametrize("shape", [(5000, 64), (300, 40), (40, 300)])
+def test_srht_basis_is_the_subsampled_transform_of_the_padded_gradient(shape):
+    """The SRHT projector (rows of H times the signed gradient) spans the subspace the definition
+    gives: fwht of the sign-flipped frame zero-padded to a power of two, `2r` random rows of it,
+    orthonormalized, then the `r` directions of that sketch that keep the most of the frame."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    rank = 6
+    q = sm.build_projector("srht", g, rank, torch.Generator().manual_seed(7))
+    a = (g if shape[0] >= shape[1] else g.T).double()
+    big, small = a.shape
+    padded = 1 << (big - 1).bit_length()
+    gen = torch.Generator().manual_seed(7)  # the same draws in the same order
+    signs = torch.randint(0, 2, (big, 1), generator=gen).double() * 2 - 1
+    rows = torch.randperm(padded, generator=gen)[:2 * rank]
+    x = torch.zeros(padded, small, dtype=torch.float64)
+    x[:big] = a * signs
+    sketch = torch.linalg.qr(sm.fwht(x)[rows].T).Q
+    top = sketch @ torch.linalg.svd(a @ sketch, full_matrices=False).Vh[:rank].T
+    torch.testing.assert_close((q @ q.T).double(), top @ top.T, atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("proj", ["svd", "randomized", "srht"])
 @pytest.mark.parametrize("shape", [(48, 24), (20, 40)])
 def test_dense_projectors_are_orthonormal_projections(proj, shape):

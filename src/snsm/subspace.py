@@ -30,16 +30,19 @@ factorization fails):
 
 ``svd``         top-r singular vectors of ``G``, computed in float32 (for ``G`` of
                 2^16 entries or more, as eigenvectors of the Gram matrix
-                ``A^T A`` of the tall frame: same subspace, 1.5-5x faster).
+                ``A^T A`` of the tall frame: same subspace, 1.5-5x faster;
+                on CPU the kernel's half-products Gram, :func:`_gram`).
 ``randomized``  Halko-Martinsson-Tropp range finder: Gaussian sketch with
-                oversampling, power iterations, then an SVD of the small
-                projected matrix; O(M N (r + p)) instead of a full SVD.
+                oversampling, power iterations, then the top singular vectors
+                of the small projected matrix; O(M N (r + p)) instead of a
+                full SVD.
 ``srht``        subsampled randomized Hadamard sketch ``Y = (S H D A)^T`` of
-                width 2r via a fast Walsh-Hadamard transform (O(M N log M),
-                plain torch, no Gaussian matrix), orthonormalized by QR, then
-                the r directions of that span carrying most of ``A``'s
-                energy: a real orthonormal projection biased towards the
-                gradient's top directions.
+                width 2r (no Gaussian matrix): the 2r sampled rows of ``H``
+                (:func:`hadamard_rows`, only the first M columns, as ``A`` is
+                zero-padded to a power of two) times ``D A``, one O(M N r)
+                matmul; orthonormalized by QR, then the r directions of that
+                span carrying most of ``A``'s energy: a real orthonormal
+                projection biased towards the gradient's top directions.
 ``topk``        the r rows of ``A`` with the largest norm.
 ``uniform``     r rows of ``A`` chosen uniformly at random.
 
@@ -65,6 +68,7 @@ __all__ = [
     "REFRESH_POLICIES",
     "tall",
     "fwht",
+    "hadamard_rows",
     "build_projector",
     "raw_projector",
     "fallback_projector",
@@ -188,24 +192,39 @@ def _randomized_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch
     for _ in range(POWER_ITERS):
         y = a.T @ (a @ _orthonormal(y))
     q = _orthonormal(y)
-    _, _, vh = torch.linalg.svd(a @ q, full_matrices=False)
-    return (q @ vh[:rank].T).contiguous()
+    return (q @ _svd_basis(a @ q, rank)).contiguous()
+
+
+def hadamard_rows(rows: torch.Tensor, order: int, columns: int, dtype=torch.float32) -> torch.Tensor:
+    """Rows ``rows`` of the orthonormal Sylvester Hadamard matrix of ``order`` (a power of two), its
+    first ``columns`` columns: ``H[i, j] = (-1)^popcount(i & j) / sqrt(order)``, built one bit of
+    ``j`` at a time (each doubling appends the block times ``(-1)^{bit of i}``). ``len(rows) x columns``
+    values instead of the ``order x order`` matrix."""
+    if order & (order - 1) or not 0 < columns <= order:
+        raise ValueError(f"hadamard_rows needs a power-of-two order >= columns > 0, got {order}, {columns}")
+    h = torch.full((rows.numel(), 1), 1.0 / math.sqrt(order), dtype=dtype, device=rows.device)
+    bit = 0
+    while h.shape[1] < columns:
+        sign = 1 - 2 * ((rows >> bit) & 1).to(dtype)
+        h = torch.cat((h, h[:, : columns - h.shape[1]] * sign[:, None]), dim=1)
+        bit += 1
+    return h
 
 
 def _srht_basis(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
     big, small = a.shape
     padded = 1 << (big - 1).bit_length()
     signs = torch.randint(0, 2, (big, 1), generator=gen, device=a.device).to(a.dtype).mul_(2).sub_(1)
-    x = a.new_zeros(padded, small)
-    x[:big] = a * signs
     width = min(small, 2 * rank, padded)
     rows = torch.randperm(padded, generator=gen, device=a.device)[:width]
-    q = _orthonormal(fwht(x)[rows].T)
+    # fwht(D A zero-padded to `padded` rows)[rows]: only those rows of H, only its first `big`
+    # columns (the padding is zero), one matmul instead of log2(padded) passes over the padded copy
+    h = hadamard_rows(rows, padded, big, a.dtype)
+    q = _orthonormal((h.mul_(signs.T) @ a).T)
     if width == rank:
         return q.contiguous()
     # keep the r directions of the 2r-wide sketch that carry the most of A's energy
-    _, _, vh = torch.linalg.svd(a @ q, full_matrices=False)
-    return (q @ vh[:rank].T).contiguous()
+    return (q @ _svd_basis(a @ q, rank)).contiguous()
 
 
 def build_projector(
