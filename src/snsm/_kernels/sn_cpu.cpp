@@ -237,40 +237,24 @@ void add_transposed(const float* U, int64_t ldu, int64_t B, int64_t K, float* W,
 }
 
 // The Gram matrix's micro-tile: C[MR x 16] (+)= A[k0.., i..i+MR)^T A[k0.., j..j+16) over K rows of a
-// row-major A (row stride lda): both operands are rows of A, MR values broadcast and 16 loaded
-// (the first `valid`, masked, in a last partial tile). `accumulate`: add to C, else write it.
+// row-major A (row stride lda, zero past its last column up to the stride): both operands are rows
+// of A, MR values broadcast and 16 loaded; only the first `valid` columns are written (a last
+// partial tile). `accumulate`: add to C, else write it.
 template <int MR>
 inline void gram_tile(int64_t K, const float* __restrict a, const float* __restrict b, int64_t lda,
                       float* __restrict C, int64_t ldc, bool accumulate, int64_t valid) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  if (valid == 16) {
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < K; ++k) {
-      const float* row = b + k * lda;
-      const __m256 b0 = _mm256_loadu_ps(row), b1 = _mm256_loadu_ps(row + 8);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = b + k * lda;
+    const __m256 b0 = _mm256_loadu_ps(row), b1 = _mm256_loadu_ps(row + 8);
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
-        c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
-        c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
-      }
-    }
-  } else {
-    alignas(32) int32_t lanes[16];
-    for (int j = 0; j < 16; ++j) lanes[j] = j < valid ? -1 : 0;
-    const __m256i m0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)),
-                  m1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8));
-    for (int64_t k = 0; k < K; ++k) {
-      const float* row = b + k * lda;
-      const __m256 b0 = _mm256_maskload_ps(row, m0), b1 = _mm256_maskload_ps(row + 8, m1);
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
-        c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
-        c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
-      }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
+      c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
     }
   }
   alignas(32) float tile[16];
@@ -837,7 +821,8 @@ at::Tensor gram(at::Tensor a) {
 #if SNSM_MICRO_GEMM
   // a chunk of rows is copied (by each thread, into its own cache) at a row stride one cache
   // line past a multiple of 16 floats: at A's own power-of-two strides the rows a tile walks
-  // down would share a few L1 sets and evict each other
+  // down would share a few L1 sets and evict each other. The copy's columns past N stay zero
+  // (the buffer starts zeroed; only N values a row are written), what a last partial tile reads.
   const int64_t strips = (N + 5) / 6, ld = (N + 15) / 16 * 16 + 16;
   const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 16) / ld, 16, 128);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), strips));
