@@ -1,5 +1,6 @@
 """The fused fast path against the reference (for-loop) path: same trajectory, same state."""
 import io
+import types
 
 import pytest
 import torch
@@ -402,13 +403,14 @@ def test_svd_refresh_takes_the_kernels_gram_for_a_contiguous_tall_frame(monkeypa
     calls = []
     real = cpu_kernel().gram
 
-    monkeypatch.setattr(sm, "cpu_kernel", lambda: type("K", (), {"gram": staticmethod(
-        lambda a: calls.append(tuple(a.shape)) or real(a))})())
+    spy = types.SimpleNamespace(gram=lambda a: calls.append(tuple(a.shape)) or real(a))
+    monkeypatch.setattr(sm, "cpu_kernel", lambda: spy)
     gen = torch.Generator().manual_seed(4)
     u = torch.linalg.qr(torch.randn(4096, 32, generator=gen)).Q
     vt = torch.linalg.qr(torch.randn(64, 32, generator=gen)).Q.T
     g = u @ torch.diag(torch.logspace(0, -3, 32)) @ vt  # 4096 x 64, known right singular vectors
-    for grad, top in ((g, vt[:8].T), (g.T.contiguous(), vt[:8].T)):
+    top = vt[:8].T
+    for grad in (g, g.T.contiguous()):
         q = sm.build_projector("svd", grad, 8)
         assert q.shape == (64, 8)
         # the same subspace: the projector onto one maps the other onto itself

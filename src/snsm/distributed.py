@@ -384,7 +384,7 @@ def run_overlapped(steps, meanwhile=None) -> None:
         request = next(s, None)
         if request is None:
             continue
-        pending.append((s, request))
+        pending.append(s)
         if request.tensor.numel() * request.tensor.element_size() >= BUCKET_BYTES:
             launched += _launch_bucketed([request])
         else:
@@ -393,7 +393,7 @@ def run_overlapped(steps, meanwhile=None) -> None:
     if meanwhile is not None:
         meanwhile()
     _finish_bucketed(launched)
-    for s, _ in pending:
+    for s in pending:
         for request in s:  # a step yields once; a further request would be summed on its own
             dist.all_reduce(request.tensor, group=request.group)
 

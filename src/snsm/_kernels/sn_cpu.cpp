@@ -79,21 +79,28 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
 // block is first transposed into cache (8 x 8 tiles in registers), then runs on them as a
 // tall one's does. One micro-tile is MR x 16 outputs in 2 MR vector accumulators:
 //
-//   acc = A[MR x K] Bp[K x 16];   C = acc   or   C += alpha acc   (a partial tile: its first `valid` columns, +=)
+//   acc = A[MR x K] B[K x 16];   C = acc   or   C += alpha acc   (a partial tile: its first `valid` columns)
 //
-// with A row-major (row stride lda) and Bp packed: the 16 values of row k at Bp + 16 k.
-template <int MR>
-inline void micro_tile(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict Bp,
+// with its operands in one of two layouts (`ld` their one stride):
+//   Packed  A row-major, element (i, k) at A + i ld + k; B packed, its row k at B + 16 k (the
+//           subspace step's products);
+//   Gram    both are rows of one row-major matrix: element (i, k) of A at A + k ld + i, row k
+//           of B at B + k ld (A^T A, see gram).
+enum class Layout { Packed, Gram };
+
+template <int MR, Layout L>
+inline void micro_tile(int64_t K, const float* __restrict A, int64_t ld, const float* __restrict B,
                        float* __restrict C, int64_t ldc, float alpha, bool accumulate, int64_t valid) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
 #pragma GCC unroll 4  // 5-10% faster than one k a turn (LLaMA-20M/60M shapes, 2 threads)
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(Bp + 16 * k), b1 = _mm256_loadu_ps(Bp + 16 * k + 8);
+    const float* bk = L == Layout::Gram ? B + k * ld : B + 16 * k;
+    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      const __m256 a = _mm256_broadcast_ss(L == Layout::Gram ? A + k * ld + i : A + i * ld + k);
       c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
       c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
     }
@@ -119,8 +126,23 @@ inline void micro_tile(int64_t K, const float* __restrict A, int64_t lda, const 
     _mm256_store_ps(tile + 16 * i, c0[i]);
     _mm256_store_ps(tile + 16 * i + 8, c1[i]);
   }
-  for (int i = 0; i < MR; ++i)  // a partial tile is always an update (R's tiles are padded to 16)
-    for (int64_t j = 0; j < valid; ++j) C[i * ldc + j] += alpha * tile[16 * i + j];
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < valid; ++j)
+      C[i * ldc + j] = accumulate ? C[i * ldc + j] + alpha * tile[16 * i + j] : tile[16 * i + j];
+}
+
+// micro_tile for a strip of `mr` rows (1 to 6; six is the full tile).
+template <Layout L>
+inline void strip_tile(int64_t mr, int64_t K, const float* A, int64_t ld, const float* B, float* C, int64_t ldc,
+                       float alpha, bool accumulate, int64_t valid) {
+  switch (mr) {
+    case 6: micro_tile<6, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+    case 5: micro_tile<5, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+    case 4: micro_tile<4, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+    case 3: micro_tile<3, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+    case 2: micro_tile<2, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+    default: micro_tile<1, L>(K, A, ld, B, C, ldc, alpha, accumulate, valid); break;
+  }
 }
 
 // Asks for the cache lines of p[0, len) ahead of use: into L1 (near) or L2.
@@ -159,14 +181,8 @@ void micro_gemm(int64_t rows, int64_t K, int64_t cols, const float* A, int64_t l
       if (wl) prefetch_region(W, W_len, ldw, w0 + std::min(wl, t * nw), w0 + std::min(wl, (t + 1) * nw));
       const float* b = Bp + t * K * 16;
       const int64_t valid = std::min<int64_t>(16, cols - 16 * t);
-      switch (std::min<int64_t>(6, rows - i)) {
-        case 6: micro_tile<6>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-        case 5: micro_tile<5>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-        case 4: micro_tile<4>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-        case 3: micro_tile<3>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-        case 2: micro_tile<2>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-        default: micro_tile<1>(K, a, lda, b, c + 16 * t, ldc, alpha, accumulate, valid); break;
-      }
+      strip_tile<Layout::Packed>(std::min<int64_t>(6, rows - i), K, a, lda, b, c + 16 * t, ldc, alpha, accumulate,
+                                 valid);
     }
   }
 }
@@ -236,45 +252,6 @@ void add_transposed(const float* U, int64_t ldu, int64_t B, int64_t K, float* W,
     for (int64_t j = 0; j < B; ++j) W[i * ldw + j] = W[i * ldw + j] * decay + U[j * ldu + i];
 }
 
-// The Gram matrix's micro-tile: C[MR x 16] (+)= A[k0.., i..i+MR)^T A[k0.., j..j+16) over K rows of a
-// row-major A (row stride lda, zero past its last column up to the stride): both operands are rows
-// of A, MR values broadcast and 16 loaded; only the first `valid` columns are written (a last
-// partial tile). `accumulate`: add to C, else write it.
-template <int MR>
-inline void gram_tile(int64_t K, const float* __restrict a, const float* __restrict b, int64_t lda,
-                      float* __restrict C, int64_t ldc, bool accumulate, int64_t valid) {
-  __m256 c0[MR], c1[MR];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
-    const float* row = b + k * lda;
-    const __m256 b0 = _mm256_loadu_ps(row), b1 = _mm256_loadu_ps(row + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 x = _mm256_broadcast_ss(a + k * lda + i);
-      c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
-    }
-  }
-  alignas(32) float tile[16];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    float* c = C + i * ldc;
-    if (valid == 16) {
-      if (accumulate) {
-        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
-        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
-      }
-      _mm256_storeu_ps(c, c0[i]);
-      _mm256_storeu_ps(c + 8, c1[i]);
-    } else {
-      _mm256_store_ps(tile, c0[i]);
-      _mm256_store_ps(tile + 8, c1[i]);
-      for (int64_t j = 0; j < valid; ++j) c[j] = accumulate ? c[j] + tile[j] : tile[j];
-    }
-  }
-}
 #else
 #define SNSM_MICRO_GEMM 0
 #endif
@@ -835,18 +812,9 @@ at::Tensor gram(at::Tensor a) {
         const float* rows = buf.data();
         for (int64_t s = tid; s < strips; s += threads) {
           const int64_t i = 6 * s, mr = std::min<int64_t>(6, N - i);
-          for (int64_t j = i / 16 * 16; j < N; j += 16) {
-            const int64_t valid = std::min<int64_t>(16, N - j);
-            float* out = C + i * N + j;
-            switch (mr) {
-              case 6: gram_tile<6>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-              case 5: gram_tile<5>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-              case 4: gram_tile<4>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-              case 3: gram_tile<3>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-              case 2: gram_tile<2>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-              default: gram_tile<1>(K, rows + i, rows + j, ld, out, N, k0 > 0, valid); break;
-            }
-          }
+          for (int64_t j = i / 16 * 16; j < N; j += 16)  // the tiles on and above the diagonal
+            strip_tile<Layout::Gram>(mr, K, rows + i, ld, rows + j, C + i * N + j, N, 1.f, k0 > 0,
+                                     std::min<int64_t>(16, N - j));
         }
       }
   });
