@@ -437,6 +437,32 @@ def test_adaptive_batch_resume_is_exact(adaptive_run, tmp_path, cache):
     assert got["adagrad-sn+adaptive"]["batch_history"] == ref["adagrad-sn+adaptive"]["batch_history"]
 
 
+# --- the projector refresh: schedule and basis (issue 5) --------------------------------------
+
+@pytest.mark.parametrize("name, proj, synchronized", [
+    ("adamw-snsm", "svd", False),
+    ("adamw-snsm-sync", "svd", True),
+    ("adamw-snsm-randomized", "randomized", False),
+    ("adamw-snsm-srht", "srht", False),
+])
+def test_refresh_entries_take_their_projector_and_schedule(name, proj, synchronized, one_thread):
+    import torch
+    from snsm.bench.train import cosine_with_warmup
+    model = _tiny_model()
+    opt = REGISTRY[name].build(model, lr_config()["default"]["lr"][name], _ctx())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(10, 0.1, 0.1))
+    matrices = opt.param_groups[0]
+    assert matrices["proj"] == proj and matrices["rank"] == 8 and matrices["proj_gap"] == 5
+    assert lr_config()["default"]["lr"][name] == lr_config()["default"]["lr"]["adamw-snsm"]
+    losses = _steps(model, opt, sched, 9)
+    assert all(math.isfinite(x) for x in losses)
+    # the step each matrix's basis was last computed at: one step for all when synchronized
+    refreshed = {int(opt.state[p]["proj_step"]) for p in matrices["params"] if "proj" in opt.state[p]}
+    assert len(matrices["params"]) > 10 and refreshed
+    assert (refreshed == {5}) if synchronized else (len(refreshed) > 2)
+    assert set(PRESETS["refresh"].optimizers) >= {"adamw", "adamw-snsm", name}
+
+
 def test_batch_schedule_option_applies_to_every_entry():
     from snsm.bench.cli import _adaptive_settings, _resolve_preset, build_parser
     args = build_parser().parse_args(["--preset", "default", "--batch-schedule", "adaptive"])

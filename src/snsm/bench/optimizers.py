@@ -16,6 +16,16 @@ the preset (rank ``hidden // 4``):
 * ``adagrad-snsm``    AdaGrad-SN (summed second moment) + Subspace-Momentum
 * ``sgd-sm``          SGD with Subspace-Momentum
 
+The projector refresh (issue 5; ``--preset refresh``): ``adamw-snsm`` with its
+defaults (``svd`` basis, refreshes staggered across matrices) against
+
+* ``adamw-snsm-sync``        every matrix refreshes on the same step (``stagger=False``),
+  the paper's schedule
+* ``adamw-snsm-randomized``  ``proj="randomized"`` (range finder), staggered
+* ``adamw-snsm-srht``        ``proj="srht"`` (subsampled randomized Hadamard sketch), staggered
+
+all at ``adamw-snsm``'s learning rate.
+
 The AdaGrad family (issue 7; ``--preset family``), all grouped with
 :func:`snsm.param_groups` as above:
 
@@ -99,8 +109,8 @@ class OptimizerSpec:
     parallel: tuple[str, ...] = ("ddp", "fsdp")  # the --parallel modes it runs under (FSDP: on DTensors)
 
 
-def _sm(ctx: BuildContext) -> dict[str, Any]:
-    return {"rank": ctx.rank, "proj": "svd", "proj_gap": ctx.proj_gap, "seed": ctx.seed}
+def _sm(ctx: BuildContext, proj: str = "svd", **extra: Any) -> dict[str, Any]:
+    return {"rank": ctx.rank, "proj": proj, "proj_gap": ctx.proj_gap, "seed": ctx.seed, **extra}
 
 
 def _adamw(model, lr, ctx):
@@ -116,9 +126,9 @@ def _adamw_sn(model, lr, ctx):
     return snsm.AdamWSN(snsm.param_groups(model), lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
 
 
-def _adamw_snsm(model, lr, ctx, embeddings=False):
+def _adamw_snsm(model, lr, ctx, embeddings=False, **sm):
     import snsm
-    return snsm.AdamWSNSM(snsm.param_groups(model, embeddings=embeddings, **_sm(ctx)),
+    return snsm.AdamWSNSM(snsm.param_groups(model, embeddings=embeddings, **_sm(ctx, **sm)),
                           lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
 
 
@@ -318,6 +328,12 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("adamw-snsm", "snsm.AdamWSNSM, SVD projector", _adamw_snsm),
     OptimizerSpec("adamw-snsm-emb", "snsm.AdamWSNSM, embeddings under SN/SM too",
                   lambda m, lr, ctx: _adamw_snsm(m, lr, ctx, embeddings=True)),
+    OptimizerSpec("adamw-snsm-sync", "snsm.AdamWSNSM, SVD projector, synchronized refreshes",
+                  lambda m, lr, ctx: _adamw_snsm(m, lr, ctx, stagger=False)),
+    OptimizerSpec("adamw-snsm-randomized", "snsm.AdamWSNSM, randomized projector",
+                  lambda m, lr, ctx: _adamw_snsm(m, lr, ctx, proj="randomized")),
+    OptimizerSpec("adamw-snsm-srht", "snsm.AdamWSNSM, SRHT projector",
+                  lambda m, lr, ctx: _adamw_snsm(m, lr, ctx, proj="srht")),
     OptimizerSpec("rmsprop-sn", "snsm.RMSpropSN", _rmsprop_sn),
     OptimizerSpec("adagrad-snsm", "snsm.AdaGradSNSM, SVD projector", _adagrad_snsm),
     OptimizerSpec("sgd-sm", "snsm.SGDSM, SVD projector", _sgd_sm),

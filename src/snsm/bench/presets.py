@@ -30,6 +30,11 @@ development machine, one single-threaded worker process per core, CPU time):
   ``adago``; the adaptive entries run micro-batches of 2 sequences). They are
   not in ``default``, which would then take about 33 minutes: ``default``
   keeps its ten optimizers and its ~20-minute budget.
+* ``refresh`` (issue 5) is the default preset with AdamW, AdamW-SNSM as it
+  ships (``svd`` basis, staggered refreshes) and three variants of its
+  projector refresh: the paper's synchronized schedule (``stagger=False``),
+  and the ``randomized`` and ``srht`` bases. Five jobs, two at a time, three
+  rounds: about 11 minutes on 2 cores.
 * ``smoke`` (used by the acceptance check) trains a 2048-token tokenizer on a
   2 MB sample of the corpus and runs AdamW, AdamW-SN and AdamW-SNSM for 60
   steps of sequence 128: it checks the plumbing, not the science, in about
@@ -61,6 +66,7 @@ BASELINES = ("adamw", "adafactor", "galore", "adam-mini")
 ALL_OPTIMIZERS = BASELINES + OURS
 FAMILY = ("adagrad-norm", "adagrad-sn", "adago", "muon")  # issue 7: AdaGrad-Norm, AdaGO and the Muon peer
 ADAPTIVE = ("adagrad-norm+adaptive", "adagrad-sn+adaptive")  # the same with the adaptive batch size
+REFRESH = ("adamw-snsm-sync", "adamw-snsm-randomized", "adamw-snsm-srht")  # issue 5: refresh schedule, projector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +125,8 @@ PRESETS: dict[str, Preset] = {
 }
 PRESETS["family"] = dataclasses.replace(PRESETS["default"], name="family",
                                         optimizers=("adamw", "adamw-snsm") + FAMILY + ADAPTIVE)
+PRESETS["refresh"] = dataclasses.replace(PRESETS["default"], name="refresh",
+                                         optimizers=("adamw", "adamw-snsm") + REFRESH)
 
 _PAPER = {"60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000}
 for _size, _steps in _PAPER.items():
