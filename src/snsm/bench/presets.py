@@ -34,7 +34,7 @@ development machine, one single-threaded worker process per core, CPU time):
   ships (``svd`` basis, staggered refreshes) and three variants of its
   projector refresh: the paper's synchronized schedule (``stagger=False``),
   and the ``randomized`` and ``srht`` bases. Five jobs, two at a time, three
-  rounds: about 11 minutes on 2 cores.
+  rounds: 14 minutes a seed on 2 cores (measured; ``docs/bench/refresh_results.md``).
 * ``smoke`` (used by the acceptance check) trains a 2048-token tokenizer on a
   2 MB sample of the corpus and runs AdamW, AdamW-SN and AdamW-SNSM for 60
   steps of sequence 128: it checks the plumbing, not the science, in about
