@@ -86,3 +86,17 @@ def test_the_gpu_check_script_asks_for_rows_the_benchmark_knows():
     rows = [s.strip() for s in listed.split(",")]
     assert rows and set(rows) <= set(speed.configs(64, 200))
     assert set(models.split(",")) <= set(speed.SHAPES)
+
+
+def test_compiled_adamw_row_is_torchs_adamw_with_its_step_compiled(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    model = torch.nn.Linear(3, 2)
+    row = speed.configs(64, 200)["AdamW compiled"](model)
+    assert isinstance(row, speed.Compiled) and type(row.opt) is torch.optim.AdamW
+    assert row.opt.defaults["foreach"] is True and compiled == [row.opt.step]
+    assert row.state is row.opt.state
+    # each compiled row gets its own room in the cache of the step frame all optimizers share
+    speed.configs(64, 200)["AdamWSN compiled"](model)
+    assert torch._dynamo.config.recompile_limit == 24
