@@ -12,7 +12,8 @@ PROJECTIONS = ["svd", "randomized", "srht", "topk", "uniform"]
 
 
 def golden_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("SNSM_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
+    """The golden traces: ``$SNSM_GOLDEN_DIR`` if set, else the copy kept in the repository."""
+    return pathlib.Path(os.environ.get("SNSM_GOLDEN_DIR") or ROOT / "tests" / "data" / "golden")
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Conformance with the authors' reference implementation (recorded trajectories).
 
-Every case in ``$SNSM_GOLDEN_DIR`` (default ``../shared/golden``) is replayed
+Every case in ``$SNSM_GOLDEN_DIR`` (default ``tests/data/golden``, the
+recorded traces kept in the repository; see its README.md) is replayed
 through the equivalent snsm optimizer; parameters are compared after every
 step and the state must hold no more elements than the reference's. A missing
 directory, or a case this file cannot map, fails: it is never skipped.
