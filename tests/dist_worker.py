@@ -172,6 +172,46 @@ def reshard_load(ckpt_root):
     return res
 
 
+def _bf16_state(model, opt):
+    """Every bfloat16 state tensor of the optimizer, whole, in the model's parameter order."""
+    out = []
+    for p in model.parameters():
+        for key, v in sorted(opt.state[p].items()):
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if v.dtype == torch.bfloat16:
+                out.append(v)
+    return out
+
+
+def _equal_fraction(a, b):
+    same = sum(int((x.view(torch.int16) == y.view(torch.int16)).sum()) for x, y in zip(a, b))
+    return same / max(1, sum(x.numel() for x in a))
+
+
+def bf16():
+    """bfloat16 state with stochastic rounding (the default): a sharded run rounds as one process does.
+    Reports, per configuration, the fraction of bf16 state entries bit-identical to one process's with
+    the sharded run rounding stochastically (``sr``) and to nearest (``nearest``, the control)."""
+    res = {}
+    cases = [("AdamWSN", dict(subset_size="auto")), ("AdamWSN", dict(subset_size=16)), ("AdaGradSN", {}),
+             ("AdamWSNSM", dict(rank=2, proj_gap=3)), ("AdamWSNSM", dict(rank=2, proj_gap=3, proj="topk")),
+             ("SGDSM", dict(rank=2, proj_gap=3, proj="uniform")), ("RMSpropSN", dict(subset_size=None))]
+    for name, options in cases:
+        options = dict(options, state_dtype="bfloat16")
+        ref = base_model()
+        ref_opt = make(name, ref, options)
+        train(ref, ref_opt, 6, split=False)
+        expected = _bf16_state(ref, ref_opt)
+        for mode, rounding in (("sr", True), ("nearest", False)):
+            m = sharded(base_model())
+            o = make(name, m, dict(options, stochastic_rounding=rounding))
+            train(m, o, 6)
+            res[f"{label(name, options)}:{mode}"] = _equal_fraction(_bf16_state(m, o), expected)
+            if rounding:
+                res[f"{label(name, options)}:params"] = float(close(full(m), list(ref.parameters())))
+    return res
+
+
 def unusable():
     """The sharded usable-gradient check agrees on every rank with the check on the whole matrix,
     whichever rank holds the NaN, the inf or the only nonzero entry (and for a rank holding no rows)."""
@@ -191,7 +231,7 @@ def unusable():
                 p = fully_shard(nn.Linear(5, rows, bias=False), mesh=MESH).weight
                 shard = distributed.row_sharding(p)
                 local = full_g[shard.start:shard.start + shard.count]
-                got = distributed._usable(local, shard)
+                got = distributed.usable(local, shard)
                 agreed = [None] * WORLD
                 dist.all_gather_object(agreed, got)
                 res[f"{rows} rows, {case} at row {where}"] = (
@@ -231,7 +271,7 @@ def overlap():
 
 if __name__ == "__main__":
     scenario, out = sys.argv[1], sys.argv[2]
-    results = {"parity": parity, "ddp": ddp, "unusable": unusable, "overlap": overlap}.get(scenario)
+    results = {"parity": parity, "ddp": ddp, "unusable": unusable, "overlap": overlap, "bf16": bf16}.get(scenario)
     results = results() if results else (dcp_resume(sys.argv[3]) if scenario == "dcp" else reshard_load(sys.argv[3]))
     if RANK == 0:
         with open(out, "w") as f:

@@ -52,6 +52,19 @@ def test_overlapped_steps_get_their_sums_small_ones_bucketed_large_ones_alone(tm
     assert not failures(results), failures(results)
 
 
+def test_fsdp2_bf16_state_rounds_stochastically_as_one_process(tmp_path):
+    """bf16 state under FSDP2 is written back with the same stochastic rounding as one process: the
+    sharded state's bits equal one process's (nearly all: reductions in another order may move a
+    value across a rounding boundary), where rounding to nearest (the control) leaves many apart."""
+    results = run("bf16", 2, tmp_path)
+    configs = sorted({k.rsplit(":", 1)[0] for k in results})
+    assert len(configs) == 7
+    for config in configs:
+        assert results[f"{config}:params"] == 1.0, config
+        assert results[f"{config}:sr"] >= 0.97, (config, results[f"{config}:sr"])
+        assert results[f"{config}:nearest"] < results[f"{config}:sr"] - 0.1, (config, results)
+
+
 def test_ddp_matches_single_process(tmp_path):
     results = run("ddp", 2, tmp_path)
     assert results and not failures(results)

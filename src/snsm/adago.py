@@ -44,7 +44,7 @@ steps (tested bit for bit). ``nesterov=True`` uses Muon's
 **Routing (one optimizer object).** Groups whose ``subset_size`` is ``None``
 (the coordinate-wise group :func:`snsm.param_groups` builds for embeddings,
 norms and biases) are stepped with AdamW (the library's functional
-:func:`snsm.optimizer.sn_step_`, coordinate-wise, bias-corrected, betas
+:mod:`snsm.paths`: the fused kernel, foreach or reference path as for the other optimizers; coordinate-wise, bias-corrected, betas
 ``adamw_betas``, eps ``adamw_eps``, decoupled weight decay after the update).
 Such a group that does not set its own ``lr`` gets ``lr = adamw_lr``, so a
 learning-rate scheduler drives both parts. Every other group must hold only
@@ -82,10 +82,11 @@ import math
 from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
-from torch.optim import Optimizer
 
-from . import distributed
-from .optimizer import STATE_DTYPES, check_beta, sn_step_
+from . import paths
+from ._base import StrictOptimizer
+from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, compute_dtype, state_dtype
+from ._dtensor import gather_rows, is_dtensor, local, row_sharding, state_tensor
 from .subset_norm import subset_layout
 
 __all__ = ["AdaGO", "newton_schulz", "NS_COEFFICIENTS"]
@@ -96,7 +97,6 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic coeffi
 NS_EPS = 1e-7  # torch.optim.Muon's clamp on the Frobenius norm before the iteration
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +170,7 @@ def _number(name: str, value, low: float, *, low_open: bool = False, allow_inf: 
     return float(value)
 
 
-class AdaGO(Optimizer):
+class AdaGO(StrictOptimizer):
     r"""AdaGO: orthogonalized momentum with an AdaGrad-Norm step size; AdamW for the rest.
 
     See :mod:`snsm.adago` for the update, the routing of non-matrix
@@ -237,7 +237,6 @@ class AdaGO(Optimizer):
             adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, state_dtype=state_dtype,
         )
         _number("adamw_lr", adamw_lr, 0.0)
-        self._warned: set = set()
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- validation
@@ -246,40 +245,33 @@ class AdaGO(Optimizer):
         if param_group.get("subset_size", self.defaults["subset_size"]) is None and "lr" not in param_group:
             param_group["lr"] = self.defaults["adamw_lr"]
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            for key in ("ns_dtype", "state_dtype"):
-                value = group[key]
-                if isinstance(value, torch.dtype):
-                    table = NS_DTYPES if key == "ns_dtype" else STATE_DTYPES
-                    names = {v: k for k, v in table.items()}
-                    if value not in names:
-                        raise ValueError(f"Invalid {key}: {value} (allowed: {', '.join(table)})")
-                    group[key] = names[value]
-            for key in ("ns_coefficients", "adamw_betas"):
-                if isinstance(group[key], list):
-                    group[key] = tuple(group[key])
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"AdaGO does not support complex parameters (got {p.dtype})")
-                if not p.is_floating_point():
-                    raise TypeError(f"AdaGO needs floating-point parameters (got {p.dtype})")
-                if self._orthogonal(group) and p.ndim < 2:
-                    raise ValueError(
-                        f"AdaGO orthogonalizes matrices, but a parameter of shape {tuple(p.shape)} is in a group "
-                        f"with subset_size={group['subset_size']!r}: put vectors and scalars in a group with "
-                        "subset_size=None (AdamW); snsm.param_groups(model) does"
-                    )
-            self._validate_group(group)
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
+
+    def normalize_group(self, group: dict) -> None:
+        super().normalize_group(group)
+        value = group["ns_dtype"]
+        if isinstance(value, torch.dtype):
+            names = {v: k for k, v in NS_DTYPES.items()}
+            if value not in names:
+                raise ValueError(f"Invalid ns_dtype: {value} (allowed: {', '.join(NS_DTYPES)})")
+            group["ns_dtype"] = names[value]
+        for key in ("ns_coefficients", "adamw_betas"):
+            if isinstance(group[key], list):
+                group[key] = tuple(group[key])
+
+    def check_param(self, p: torch.Tensor, group: dict) -> None:
+        super().check_param(p, group)
+        if self._orthogonal(group) and p.ndim < 2:
+            raise ValueError(
+                f"AdaGO orthogonalizes matrices, but a parameter of shape {tuple(p.shape)} is in a group "
+                f"with subset_size={group['subset_size']!r}: put vectors and scalars in a group with "
+                "subset_size=None (AdamW); snsm.param_groups(model) does"
+            )
 
     @staticmethod
     def _orthogonal(group: dict) -> bool:
         return group["subset_size"] is not None
 
-    def _validate_group(self, group: dict) -> None:
+    def validate_group(self, group: dict) -> None:
         _number("lr", group["lr"], 0.0)
         _number("weight_decay", group["weight_decay"], 0.0)
         size = group["subset_size"]
@@ -321,20 +313,9 @@ class AdaGO(Optimizer):
                 f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r} (allowed: None, 'original', 'match_rms_adamw')"
             )
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message)
-
     # ---------------------------------------------------------------- state
-    @staticmethod
-    def _state_dtype(p: torch.Tensor, group: dict) -> torch.dtype:
-        if group["state_dtype"] is not None:
-            return STATE_DTYPES[group["state_dtype"]]
-        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-
-    def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
-        dtype = self._state_dtype(p, group)
+    def state_spec(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = state_dtype(p, group["state_dtype"])
         spec = {"exp_avg": (tuple(p.shape), dtype)}
         if self._orthogonal(group):
             spec["v_sq"] = ((), torch.float32)
@@ -345,70 +326,59 @@ class AdaGO(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         state["step"] = torch.tensor(0.0)
-        sharded = distributed.is_dtensor(p)
-        for key, (shape, dtype) in self._state_spec(p, group).items():
+        sharded = is_dtensor(p)
+        for key, (shape, dtype) in self.state_spec(p, group).items():
             if sharded and shape:  # parameter-shaped: sharded by rows like it (FSDP2)
-                state[key] = distributed.state_tensor(p, shape, dtype, sharded_rows=True)
+                state[key] = state_tensor(p, shape, dtype, sharded_rows=True)
             else:  # the scalar v_sq: identical on every rank
-                state[key] = torch.zeros(shape, dtype=dtype, device=distributed.local(p).device)
+                state[key] = torch.zeros(shape, dtype=dtype, device=local(p).device)
         if "v_sq" in state:
             state["v_sq"].fill_(float(group["v0"]) ** 2)
 
-    def _check_state(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state.get(p)
-        if not state:
-            return
-        for key, (shape, _) in self._state_spec(p, group).items():
-            have = state.get(key)
-            if have is None or tuple(have.shape) != tuple(shape):
-                raise ValueError(
-                    f"AdaGO: state {key!r} of a parameter of shape {tuple(p.shape)} is "
-                    f"{None if have is None else tuple(have.shape)}, but its group needs {tuple(shape)} "
-                    "(was the parameter moved between the orthogonalized and the AdamW groups?)"
-                )
-
     # ---------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
-        """Perform one optimization step. Validates everything before changing anything."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def prepare_step(self):
+        """Every group validated, every gradient and piece of state checked: nothing written."""
         plan = []
+        index = -1
         for group in self.param_groups:
-            self._validate_group(group)
+            self.validate_group(group)
             params = []
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError("AdaGO does not support sparse gradients")
-                if p.grad.is_complex():
-                    raise TypeError("AdaGO does not support complex gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+                self.check_grad(p)
                 if self._orthogonal(group) and p.ndim < 2:
                     raise ValueError(f"AdaGO orthogonalizes matrices; got a parameter of shape {tuple(p.shape)}")
-                self._check_state(p, group)
-                params.append(p)
+                self.check_state(p, group, "was the parameter moved between the orthogonalized and the AdamW groups?")
+                params.append((p, index))
             plan.append((group, params))
-        for group, params in plan:
-            for p in params:
+        return plan
+
+    def apply_step(self, plan) -> None:
+        adamw = []  # the AdamW groups' parameters, on the library's paths (fused, foreach, sharded, reference)
+        for batch, (group, params) in enumerate(plan):
+            for p, index in params:
                 if not self.state[p]:
                     self._init_state(p, group)
                 if self._orthogonal(group):
                     self._orthogonal_step(p, group)
                 else:
-                    self._adamw_step(p, group)
-        return loss
+                    adamw.append(self._adamw_entry(p, group, index, batch))
+        if adamw:
+            paths.run_steps(adamw, scratch={})
 
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
+    def _adamw_entry(self, p: torch.Tensor, group: dict, index: int, batch: int) -> tuple:
+        """``p``'s AdamW step as :func:`snsm.paths.run_steps` takes it: coordinate-wise, bias-corrected,
+        low-precision state written back with stochastic rounding."""
         beta1, beta2 = group["adamw_betas"]
-        step = distributed.sn_step_sharded_ if distributed.is_dtensor(p) else sn_step_
-        step(p, p.grad, self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
-             weight_decay=group["weight_decay"], bias_correction=True, layout=subset_layout(p.shape, None),
-             subspace=None, warn=self._warn_once)
+        dtype = state_dtype(p, group["state_dtype"])
+        options = StepOptions(beta1=beta1, beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+                              bias_correction=True, layout=subset_layout(p.shape, None), subspace=None,
+                              warn=self.warn_once, rounding_seed=index if dtype in LOW_PRECISION else None)
+        state = self.state[p]
+        path = paths.choose_path(p, state, options, dtype, fused=None, foreach=None)
+        return (path, p, p.grad, state, group["lr"], paths.prepare_options(p, path, options), batch)
 
     def step_size(self, group: dict, grad: torch.Tensor, state: dict):
         r"""``alpha_t`` for one matrix; updates the accumulator ``v_sq`` in place.
@@ -423,7 +393,7 @@ class AdaGO(Optimizer):
             return lr
         v_sq = state["v_sq"]
         sq = grad.float().square().sum()
-        if distributed.is_dtensor(sq):  # a sharded gradient: its ranks' partial sums, all-reduced
+        if is_dtensor(sq):  # a sharded gradient: its ranks' partial sums, all-reduced
             sq = sq.full_tensor()
         clipped = sq.clamp(max=float(group["gamma"]) ** 2)
         v_sq.add_(clipped)
@@ -436,10 +406,10 @@ class AdaGO(Optimizer):
         rank computes the same orthogonal matrix and applies its own rows."""
         state = self.state[p]
         state["step"] += 1
-        sharded = distributed.is_dtensor(p)
-        compute = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-        g = distributed.local(p.grad).to(compute)
-        buf = distributed.local(state["exp_avg"])
+        sharded = is_dtensor(p)
+        compute = compute_dtype(p)
+        g = local(p.grad).to(compute)
+        buf = local(state["exp_avg"])
         work = buf if buf.dtype == compute else buf.to(compute)
         mu = float(group["momentum"])
         work.lerp_(g, 1.0 - mu)
@@ -447,16 +417,16 @@ class AdaGO(Optimizer):
         m = p.shape[0]
         n = p.numel() // m if m else 0
         if sharded:
-            shard = distributed.row_sharding(p)
+            shard = row_sharding(p)
             rows = slice(shard.start, shard.start + shard.count)
-            update = distributed.gather_rows(update.reshape(shard.count, n), shard)
+            update = gather_rows(update.reshape(shard.count, n), shard)
         ortho = newton_schulz(update.reshape(m, n), group["ns_steps"], group["ns_coefficients"],
                               newton_schulz_dtype(group["ns_dtype"], g.device))
         if sharded:
             ortho = ortho[rows]
         ortho = ortho.reshape(g.shape)
         alpha = self.step_size(group, p.grad if sharded else g, state)
-        p = distributed.local(p)
+        p = local(p)
         lr = group["lr"]
         wd = float(group["weight_decay"])
         if wd != 0.0:
@@ -468,15 +438,3 @@ class AdaGO(Optimizer):
             p.add_(ortho, alpha=-alpha * scale)  # torch.optim.Muon's exact arithmetic
         if work is not buf:
             buf.copy_(work)
-
-    # ---------------------------------------------------------------- state dict
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but state keeps its saved dtypes (float32 ``v_sq``)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            if i in saved:
-                self.state[p] = {k: (v.to(device=p.device) if torch.is_tensor(v) and k != "step" else v)
-                                 for k, v in saved[i].items()}

@@ -34,113 +34,35 @@ Checkpoint saves each rank's rows and reshards on load. Scalars (``step``,
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import subspace as sm
-from .subset_norm import SubsetLayout
+from ._common import StepOptions, Workspace, apply_update_, compute_dtype, ema_, step_scale
+from ._dtensor import DTensor, RowShard, local, row_sharding, rows_local
+from .fused import EMPTY, kernel_for, one_pass, subspace_correction_
+from .rounding import rounding_generator
+from .subset_norm import SubsetLayout, accumulate_sums_, aligned, kernel_layout, second_moment_coefficients
+from .weight_decay import decay_factor
 
-__all__ = ["is_dtensor", "row_sharding", "rows_local", "RowShard", "state_tensor", "local", "sn_step_sharded_",
-           "sharded_step", "run_overlapped", "Reduce", "gather_rows"]
+__all__ = ["sn_step_sharded_", "sharded_step", "steps_locally", "local_views", "usable", "run_overlapped", "Reduce",
+           "BUCKET_BYTES"]
 
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - older torch: no DTensor support
-    DTensor = None
-
-
-class RowShard(NamedTuple):
-    """Where a rank's rows sit in the matrix view of a row-sharded parameter."""
-
-    mesh: object
-    rows: int  # global rows (shape[0])
-    cols: int  # prod(shape[1:])
-    start: int  # first global row held here
-    count: int  # rows held here
-
-    @property
-    def group(self):
-        return self.mesh.get_group()
-
-
-def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def row_sharding(p) -> RowShard:
-    """The row sharding of a DTensor parameter.
-
-    Raises for layouts this module does not handle (replicated DTensors, 2-D
-    meshes, ``Shard(d > 0)``); plain tensors (DDP) need no special handling.
-    """
-    placements = tuple(p.placements)
-    if p.device_mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        raise NotImplementedError(
-            f"snsm supports DTensor parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)); "
-            f"got placements {placements} on a {p.device_mesh.ndim}-D mesh"
-        )
-    mesh = p.device_mesh
-    # a step asks for every parameter's offsets, which cost more than the math: cached by plain
-    # values (holding no mesh, so no process group outlives destroy_process_group)
-    key = (tuple(p.shape), placements, mesh.size(), tuple(mesh.get_coordinate() or ()))
-    found = _OFFSETS.get(key)
-    if found is None:
-        local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-        found = _OFFSETS[key] = (offset[0] if p.ndim else 0, local_shape[0] if p.ndim else 1)
-    rows = p.shape[0] if p.ndim else 1
-    cols = p.numel() // rows if rows else 0
-    return RowShard(mesh, rows, cols, *found)
-
-
-_OFFSETS: dict = {}
-
-
-def local(t):
-    """The local values of a DTensor (a view: in-place ops write through), or ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def state_tensor(p, shape, dtype, sharded_rows: bool):
-    """A zero state tensor for DTensor parameter ``p``: ``Shard(0)`` by ``p``'s rows, or ``Replicate()``."""
-    shard = row_sharding(p)
-    shape = tuple(shape)
-    if sharded_rows:
-        local_shape = (shard.count,) + shape[1:]
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        data = torch.zeros(local_shape, dtype=dtype, device=p.to_local().device)
-        return DTensor.from_local(data, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                                  stride=stride)
-    data = torch.zeros(shape, dtype=dtype, device=p.to_local().device)
-    return DTensor.from_local(data, p.device_mesh, [Replicate()], run_check=False)
-
-
-def gather_rows(local_rows: torch.Tensor, shard: RowShard) -> torch.Tensor:
-    """The full matrix from every rank's rows (uneven shards included): one all-gather."""
-    whole = DTensor.from_local(local_rows, shard.mesh, [Shard(0)], run_check=False,
-                               shape=torch.Size([shard.rows, local_rows.shape[1]]),
-                               stride=(local_rows.shape[1], 1))
-    return whole.full_tensor()
-
-
-def rows_local(layout: Optional[SubsetLayout], cols: int) -> bool:
-    """Whether each subset lies in one row of the matrix view (so the accumulator shards by rows)."""
-    return layout is None or layout.coordinate_wise or (layout.dim == 1 and layout.view[1] == cols)
-
+if DTensor is not None:
+    from torch.distributed.tensor import Shard
 
 def _all_reduce(t: torch.Tensor, shard: RowShard, op=dist.ReduceOp.SUM) -> torch.Tensor:
     dist.all_reduce(t, op=op, group=shard.group)
     return t
 
 
-def _usable(g_local: torch.Tensor, shard: RowShard) -> bool:
+def usable(g_local: torch.Tensor, shard: RowShard) -> bool:
     """All-zero or non-finite anywhere (on any rank) makes a gradient unusable for a projector.
 
     Each rank takes its rows' smallest and largest entry in one reduction (as
-    :func:`snsm.subspace._usable` does), then one max-reduce of two flags: whether
+    :func:`snsm.subspace.build_projector` checks), then one max-reduce of two flags: whether
     any rank saw a non-finite entry, and the largest magnitude anywhere. A rank
     holding no rows contributes neither."""
     if g_local.numel():
@@ -186,7 +108,7 @@ def _denominator_like(num2d: torch.Tensor, v: torch.Tensor, layout: SubsetLayout
 
 def _sharded_projector(proj, grad_dt, g_local, shard, rank, is_tall, gen):
     """Build the same projector on every rank from reduced quantities (see module doc)."""
-    if not _usable(g_local, shard):
+    if not usable(g_local, shard):
         return None
     if proj == "svd" and is_tall:
         gram = g_local.double().T @ g_local.double()
@@ -218,16 +140,14 @@ def _fused_local(param, state, layout, shard, subspace=None) -> bool:
     step size per row of the tall frame ("auto", or no second moment), as in
     :mod:`snsm.fused`.
     """
-    from . import fused
-
     p = param.to_local()
     dtypes_ok = all(local(t).dtype == torch.float32 for k, t in state.items() if k in ("exp_avg", "exp_avg_sq"))
     if subspace is None:
         fits = rows_local(layout, shard.cols) or _columns(layout, shard)
     else:
-        fits = subspace.proj in sm.DENSE_PROJECTIONS and fused.aligned(layout)
+        fits = subspace.proj in sm.DENSE_PROJECTIONS and aligned(layout)
     return (fits and p.dtype == torch.float32
-            and p.is_contiguous() and dtypes_ok and fused.kernel_for(p.device) is not None)
+            and p.is_contiguous() and dtypes_ok and kernel_for(p.device) is not None)
 
 
 def _columns(layout: Optional[SubsetLayout], shard: RowShard) -> bool:
@@ -235,14 +155,14 @@ def _columns(layout: Optional[SubsetLayout], shard: RowShard) -> bool:
     return layout is not None and not layout.coordinate_wise and layout.dim == 0 and layout.view[1] == shard.cols
 
 
-def steps_locally(param, state, options) -> bool:
+def steps_locally(param, state, options: StepOptions) -> bool:
     """Whether a shard's step is the kernel's pass over its own rows with no collective (no
     subspace; subsets that are the rows, or coordinates): the optimizer then puts it in its one
     kernel call with the plain tensors of :func:`local_views`."""
-    if options["subspace"] is not None:
+    if options.subspace is not None:
         return False
     shard = row_sharding(param)
-    return rows_local(options["layout"], shard.cols) and _fused_local(param, state, options["layout"], shard)
+    return rows_local(options.layout, shard.cols) and _fused_local(param, state, options.layout, shard)
 
 
 def local_views(param, grad, state):
@@ -255,57 +175,53 @@ def local_views(param, grad, state):
     return param.to_local(), grad.to_local(), views
 
 
-def _fused_local_step(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, shard):
+def _fused_local_step(param, grad, state, lr, o: StepOptions, shard):
     """The kernel's one pass on this rank's rows (a generator: it yields its per-column sums as a
     :class:`Reduce` and goes on once they are summed over the ranks)."""
-    from .fused import _EMPTY, _kernel_layout, _second_moment, kernel_for
-    from .optimizer import step_scale
-
     state["step"] += 1
     step = int(state["step"].item())
     lr = float(lr)
-    scale = step_scale(lr, beta1, beta2, step, bias_correction)
-    v_decay, v_gain = _second_moment(beta2)
-    kind, row_len = _kernel_layout(layout)
+    scale = step_scale(lr, o.beta1, o.beta2, step, o.bias_correction)
+    v_decay, v_gain = second_moment_coefficients(o.beta2)
+    kind, row_len = kernel_layout(o.layout)
     if kind == 1:
         row_len = shard.cols  # row-local subsets: the local shard's rows
     g = grad.to_local()
     g = g if g.is_contiguous() else g.contiguous()
-    m = local(state["exp_avg"]) if beta1 > 0 else _EMPTY
-    v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
+    m = local(state["exp_avg"]) if o.beta1 > 0 else EMPTY
+    v = local(state["exp_avg_sq"]) if o.beta2 is not None else EMPTY
     update_v = True
-    if beta2 is not None and kind == 2:  # column sums cross the shards
+    if o.beta2 is not None and kind == 2:  # column sums cross the shards
         sums = (g.view(shard.count, shard.cols) ** 2).sum(dim=0)
         yield Reduce(sums, shard.group)
-        v.mul_(v_decay).add_(sums.view(v.shape), alpha=v_gain)
+        accumulate_sums_(v, sums.view(v.shape), o.beta2)
         update_v = False
-    kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, beta1, v_decay, v_gain, update_v, eps,
-                                 scale, 1.0 - lr * weight_decay)
+    kernel_for(g.device).sn_step(param.to_local(), g, m, v, kind, row_len, o.beta1, v_decay, v_gain, update_v, o.eps,
+                                 scale, decay_factor(lr, o.weight_decay))
 
 
-def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, decay, shard, is_tall):
+def _fused_dense_subspace(p2d, g2d, mom, q, state, o: StepOptions, scale, decay, shard, is_tall):
     r"""The fused subspace step on a shard (see :mod:`snsm.fused`): no numerator is built.
 
     Tall (rows local, ``q`` the ``n x r`` basis, per-row ``D``): every row is
     independent, so the CPU kernel's one-pass step takes this rank's rows as it
     takes a whole matrix (``R = G Q``, ``M``, ``v``, ``W <- (W - s G / D) decay
     - s decay ((M - R) / D) Q^T`` block by block). Otherwise the kernel's
-    ``W = (W - s G / D) decay`` first, then the rank-r part times ``decay``: tall,
-    ``R = G Q``, ``W -= s ((M - R) / D) Q^T``; wide (``q`` this rank's rows of
-    the ``m x r`` basis, replicated ``r x n`` momentum, per-column ``D`` from
-    all-reduced column sums), ``R = sum_ranks q^T G``, ``W -= s q ((M - R) / D)``.
+    ``W = (W - s G / D) decay`` first, then the rank-r part times ``decay``
+    (:func:`snsm.fused.subspace_correction_`): tall, ``R = G Q``; wide (``q``
+    this rank's rows of the ``m x r`` basis, replicated ``r x n`` momentum,
+    per-column ``D`` from all-reduced column sums), ``R = sum_ranks q^T G``.
     """
-    from .fused import _EMPTY, _one_pass, _second_moment, kernel_for
-
     k = kernel_for(g2d.device)
-    v_decay, v_gain = _second_moment(beta2)
-    v = local(state["exp_avg_sq"]) if beta2 is not None else _EMPTY
+    beta2 = o.beta2
+    v_decay, v_gain = second_moment_coefficients(beta2)
+    v = local(state["exp_avg_sq"]) if beta2 is not None else EMPTY
     g = g2d if g2d.is_contiguous() else g2d.contiguous()
     kind = 0 if beta2 is None else (1 if is_tall else 2)
-    if is_tall and _one_pass(k, q, mom, v, beta2, None):  # the caller checked the layout (row subsets)
+    if is_tall and one_pass(k, q, mom, v, beta2, None):  # the caller checked the layout (row subsets)
         if shard.count:
             k.fused_step([], [], [], [], [], [], [], [p2d], [g], [mom], [q], [v], [shard.count, shard.cols, True],
-                         [beta1, v_decay, v_gain, eps, scale, decay], [])
+                         [o.beta1, v_decay, v_gain, o.eps, scale, decay], [])
         return
     if is_tall:
         r = g @ q
@@ -317,17 +233,12 @@ def _fused_dense_subspace(p2d, g2d, mom, q, state, *, beta1, beta2, eps, scale, 
         yield Reduce(both, shard.group)  # other parameters' steps run while the sums travel
         r = both[: q.shape[1]]
         if beta2 is not None:
-            v.mul_(v_decay).add_(both[-1].view(v.shape), alpha=v_gain)
-    mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            accumulate_sums_(v, both[-1].view(v.shape), beta2)
+    ema_(mom, r, o.beta1)
     # the kernel's pass (W - s G / D) * decay, updating row-local v; then the rank-r part after it
-    k.sn_step(p2d, g, _EMPTY, v, kind, shard.cols, 0.0, v_decay, v_gain, is_tall, eps, scale, decay)
-    x = torch.sub(mom, r, out=r)
-    if beta2 is not None:
-        x.div_(v.view(-1, 1).sqrt().add_(eps) if is_tall else v.view(1, -1).sqrt().add_(eps))
-    if is_tall:
-        p2d.addmm_(x, q.T, alpha=-scale * decay)
-    else:
-        p2d.addmm_(q, x, alpha=-scale * decay)
+    k.sn_step(p2d, g, EMPTY, v, kind, shard.cols, 0.0, v_decay, v_gain, is_tall, o.eps, scale, decay)
+    d = None if beta2 is None else v.view(-1, 1).sqrt().add_(o.eps)  # per row of the tall frame
+    subspace_correction_(p2d, sm.tall(mom, is_tall), sm.tall(r, is_tall), q, d, -scale * decay, is_tall)
 
 
 class Reduce(NamedTuple):
@@ -338,9 +249,9 @@ class Reduce(NamedTuple):
     group: object
 
 
-def sn_step_sharded_(param, grad, state, **options) -> None:
-    """:func:`snsm.optimizer.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
-    for request in sharded_step(param, grad, state, **options):
+def sn_step_sharded_(param, grad, state, lr, options: StepOptions) -> None:
+    """:func:`snsm._reference.sn_step_` for a row-sharded DTensor parameter (same arguments)."""
+    for request in sharded_step(param, grad, state, lr, options):
         dist.all_reduce(request.tensor, group=request.group)
 
 
@@ -398,90 +309,94 @@ def run_overlapped(steps, meanwhile=None) -> None:
             dist.all_reduce(request.tensor, group=request.group)
 
 
-def sharded_step(
-    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn
-):
+def sharded_step(param, grad, state, lr, options: StepOptions):
     """:func:`sn_step_sharded_` as a generator: where its step needs a per-step sum over the ranks
     (column sums; ``R = Q^T G`` of a wide matrix under the fused subspace step), it yields a
     :class:`Reduce` and goes on once the caller has summed it (:func:`run_overlapped` buckets those
     of many parameters into one asynchronous message and works on other parameters meanwhile);
-    other steps run to completion on the first ``next``."""
-    from .optimizer import Workspace, _refresh_projector, apply_update_, step_scale
+    other steps run to completion on the first ``next``.
 
+    Low-precision state is written back as the reference path writes it
+    (stochastic rounding from ``options.rounding_seed``): row-sharded state
+    draws the whole tensor's noise and keeps its rows, so a sharded run equals
+    one process.
+    """
+    o = options
+    beta1, beta2, subspace, layout = o.beta1, o.beta2, o.subspace, o.layout
     shard = row_sharding(param)
     if subspace is None and _fused_local(param, state, layout, shard):
-        yield from _fused_local_step(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                     weight_decay=weight_decay, bias_correction=bias_correction, layout=layout,
-                                     shard=shard)
+        yield from _fused_local_step(param, grad, state, lr, o, shard)
         return
     p2d = param.to_local().view(shard.count, shard.cols)
-    compute = torch.float32 if p2d.dtype in (torch.bfloat16, torch.float16) else p2d.dtype
+    compute = compute_dtype(p2d)
     g2d = grad.to_local().to(compute).reshape(shard.count, shard.cols)
     state["step"] += 1
     step = int(state["step"].item())
-    workspace = Workspace(compute)
+    generator = None if o.rounding_seed is None else rounding_generator(o.rounding_seed, state["step"], g2d.device)
+    workspace = Workspace(compute, generator)
 
-    def working(t):
-        return workspace(local(t))
+    def working(key):
+        """State ``key``'s local values in the compute dtype; a row shard rounds as its rows of the whole."""
+        t = state[key]
+        rows = None
+        if DTensor is not None and isinstance(t, DTensor) and isinstance(t.placements[0], Shard):
+            rows = (shard.start, t.shape[0])
+        return workspace(local(t), rows)
 
     if subspace is not None:
         is_tall = subspace.is_tall
         dense = subspace.proj in sm.DENSE_PROJECTIONS
-        mom = working(state["exp_avg"])  # gradient orientation; rows local when sharded
+        mom = working("exp_avg")  # gradient orientation; rows local when sharded
         mom_a = sm.tall(mom, is_tall)
         proj_local = local(state["proj"])
 
         def build(gen):
             return _sharded_projector(subspace.proj, grad, g2d, shard, subspace.rank, is_tall, gen)
 
-        refreshed = _refresh_projector(state, g2d, mom_a, subspace, step, warn, build=build, local=proj_local)
+        refreshed = sm.refresh_projector(state, g2d, mom_a, subspace, step, o.warn, build=build, local=proj_local)
         p = proj_local
         rows = slice(shard.start, shard.start + shard.count)
         if _fused_local(param, state, layout, shard, subspace):
-            yield from _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, beta1=beta1, beta2=beta2, eps=eps,
-                                  scale=step_scale(lr, beta1, beta2, step, bias_correction),
-                                  decay=1.0 - float(lr) * weight_decay, shard=shard, is_tall=is_tall)
+            yield from _fused_dense_subspace(p2d, g2d, mom, p if is_tall else p[rows], state, o,
+                                             step_scale(lr, beta1, beta2, step, o.bias_correction),
+                                             decay_factor(float(lr), o.weight_decay), shard, is_tall)
             if refreshed and subspace.refresh == "reference":
                 mom.zero_()
             return
         if dense and is_tall:  # R = G Q, rows local
-            r = g2d @ p.to(compute)
-            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-            num = torch.addmm(g2d, mom - r, p.to(compute).T)
+            r = sm.project(g2d, p)
+            ema_(mom, r, beta1)
+            num = sm.numerator(g2d, mom, r, p)
         elif dense:  # R = Q^T G summed over ranks; replicated momentum (r x n)
             q_local = p[rows].to(compute)
             r = _all_reduce(q_local.T @ g2d, shard)
-            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            ema_(mom, r, beta1)
             num = torch.addmm(g2d, q_local, mom - r)
         elif is_tall:  # selected global rows: the owners contribute them
             held = (p >= shard.start) & (p < shard.start + shard.count)
             r = g2d.new_zeros(subspace.rank, shard.cols)
             r[held] = g2d[p[held] - shard.start]
             _all_reduce(r, shard)
-            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            ema_(mom, r, beta1)
             num = g2d.clone()
             num[p[held] - shard.start] = mom[held]
         else:  # selected columns of local rows
             r = g2d.index_select(1, p)
-            mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
+            ema_(mom, r, beta1)
             num = g2d.index_copy(1, p, mom)
         if refreshed and subspace.refresh == "reference":
             mom.zero_()
     elif beta1 > 0:
-        num = working(state["exp_avg"]).view(shard.count, shard.cols).mul_(beta1).add_(g2d, alpha=1.0 - beta1)
+        num = ema_(working("exp_avg").view(shard.count, shard.cols), g2d, beta1)
     else:
         num = g2d
 
     if beta2 is not None:
-        v = working(state["exp_avg_sq"])
-        sums = _subset_sums(g2d, layout, shard).view(v.shape)
-        if beta2 == 1.0:
-            v.add_(sums)
-        else:
-            v.mul_(beta2).add_(sums, alpha=1.0 - beta2)
-        update = num / _denominator_like(num, v, layout, shard, eps)
+        v = working("exp_avg_sq")
+        accumulate_sums_(v, _subset_sums(g2d, layout, shard).view(v.shape), beta2)
+        update = num / _denominator_like(num, v, layout, shard, o.eps)
     else:
         update = num
 
-    apply_update_(p2d, update, lr, step_scale(lr, beta1, beta2, step, bias_correction), weight_decay)
+    apply_update_(p2d, update, lr, step_scale(lr, beta1, beta2, step, o.bias_correction), o.weight_decay)
     workspace.write_back()

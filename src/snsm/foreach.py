@@ -3,7 +3,7 @@ r"""The multi-tensor path: one step for a list of parameters with ``torch._forea
 Used for the parameters of a group that the fused kernel does not take (on a
 device without one, with ``fused=False``, or with ``foreach=True``), when
 they need no subspace and compute in their own dtype. Same update as
-:func:`snsm.optimizer.sn_step_`, one launch per elementwise stage for the
+:func:`snsm._reference.sn_step_`, one launch per elementwise stage for the
 whole list instead of one per parameter:
 
 .. math::
@@ -22,7 +22,9 @@ from typing import List, Optional
 
 import torch
 
-from .subset_norm import SubsetLayout, square_sums
+from ._common import StepOptions, step_scale
+from .subset_norm import SubsetLayout, accumulate_sums_, square_sums
+from .weight_decay import decoupled_weight_decay_
 
 __all__ = ["qualifies", "sn_step_foreach_"]
 
@@ -45,18 +47,13 @@ def sn_step_foreach_(
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
     states: List[dict],
-    *,
     lr,
-    beta1: float,
-    beta2: Optional[float],
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-    layouts: List[Optional[SubsetLayout]],
+    options: List[StepOptions],
 ) -> None:
-    """One step for ``params`` (no subspace momentum; see the module doc)."""
-    from .optimizer import step_scale
-
+    """One step for ``params`` (no subspace momentum; see the module doc). ``options``: one per
+    parameter, the same rule coefficients for all (one group's), each with its own layout."""
+    o = options[0]
+    beta1, beta2 = o.beta1, o.beta2
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, 1.0)
     nums = grads
@@ -65,18 +62,14 @@ def sn_step_foreach_(
         torch._foreach_lerp_(nums, grads, 1.0 - beta1)
     if beta2 is not None:
         vs = [s["exp_avg_sq"] for s in states]
-        sums = [square_sums(g, layout).view(v.shape) for g, layout, v in zip(grads, layouts, vs)]
-        if beta2 == 1.0:
-            torch._foreach_add_(vs, sums)
-        else:
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_add_(vs, sums, alpha=1.0 - beta2)
+        layouts = [opt.layout for opt in options]
+        accumulate_sums_(vs, [square_sums(g, layout).view(v.shape) for g, layout, v in zip(grads, layouts, vs)], beta2)
         denoms = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denoms, eps)
+        torch._foreach_add_(denoms, o.eps)
         framed = [_frames(n, layout) for n, layout in zip(nums, layouts)]
         updates = torch._foreach_div([f for f, _ in framed], [d.view(s) for d, (_, s) in zip(denoms, framed)])
         updates = [u.view(p.shape) for u, p in zip(updates, params)]  # fresh tensors: scaled in place
-    scales = [step_scale(lr, beta1, beta2, int(s.item()), bias_correction) for s in steps]
+    scales = [step_scale(lr, beta1, beta2, int(s.item()), o.bias_correction) for s in steps]
     if any(isinstance(c, torch.Tensor) for c in scales):  # a tensor lr
         updates = [n * c for n, c in zip(updates if beta2 is not None else nums, scales)]
     elif beta2 is None:
@@ -84,5 +77,4 @@ def sn_step_foreach_(
     else:
         torch._foreach_mul_(updates, scales)
     torch._foreach_sub_(params, updates)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    decoupled_weight_decay_(params, lr, o.weight_decay)

@@ -1,4 +1,4 @@
-r"""The fast path: the same step as :func:`snsm.optimizer.sn_step_`, fewer passes.
+r"""The fast path: the same step as :func:`snsm._reference.sn_step_`, fewer passes.
 
 Full momentum / no momentum: one fused kernel pass per tensor
 (:mod:`snsm._kernels`: C++ on CPU, Triton on CUDA), reading ``p, g, m`` and writing ``p, m`` once; the
@@ -39,54 +39,46 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import subspace as sm
-from ._kernels import cpu_kernel, triton_sn
-from .distributed import is_dtensor
-from .subset_norm import SubsetLayout
+from ._common import StepOptions, ema_, step_scale
+from ._dtensor import is_dtensor
+from ._kernels import kernel_for, unavailable_reason
+from .subset_norm import aligned, kernel_layout, second_moment_coefficients
+from .weight_decay import decay_factor
 
-__all__ = ["supports", "kernel_for", "kernel_args", "sn_step_fused_", "fused_steps_"]
+__all__ = ["EMPTY", "KernelArgs", "supports", "why_not", "kernel_args", "one_pass", "fused_steps_", "subspace_correction_"]
 
-_EMPTY = torch.empty(0)
+#: the kernels' stand-in for a tensor a step does not have (no momentum, no second moment)
+EMPTY = torch.empty(0)
 
 
-def kernel_for(device: torch.device):
-    """The fused kernel for tensors on ``device``: the C++ module on CPU, the Triton kernels on CUDA
-    (both expose ``sn_step`` and ``sn_accumulate`` with one signature; the C++ one also
-    ``fused_step``), or ``None``."""
-    if device.type == "cpu":
-        return cpu_kernel()
-    if device.type == "cuda" and triton_sn.available():
-        return triton_sn
+def why_not(param: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
+    """Why no fused kernel takes this parameter, in words (``None``: one does). It takes float32
+    parameters, gradients and state, contiguous, on CPU (the C++ kernel) or CUDA (Triton)."""
+    if is_dtensor(param):
+        return "the parameter is a DTensor (the distributed path takes it)"
+    if param.dtype != torch.float32:
+        return f"the parameter is {param.dtype} (the kernel takes float32)"
+    if state_dtype != torch.float32:
+        return f"its state is {state_dtype} (the kernel takes float32 state; state_dtype=None gives it)"
+    if not param.is_contiguous():
+        return "the parameter is not contiguous"
+    if param.grad is not None and param.grad.dtype != torch.float32:
+        return f"its gradient is {param.grad.dtype} (the kernel takes float32)"
+    if kernel_for(param.device) is None:
+        if param.device.type == "cpu":
+            return f"the CPU kernel is unavailable: {unavailable_reason() or 'not built'}"
+        if param.device.type == "cuda":
+            return "the CUDA kernel needs Triton, which is not installed"
+        return f"there is no kernel for {param.device.type} tensors"
     return None
 
 
 def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
-    """Whether a fused kernel handles this parameter (float32 parameter, grad and state; CPU or CUDA)."""
-    return (
-        not is_dtensor(param)
-        and param.dtype == torch.float32
-        and state_dtype == torch.float32
-        and param.is_contiguous()
-        and param.grad is not None
-        and param.grad.dtype == torch.float32
-        and kernel_for(param.device) is not None
-    )
+    """Whether a fused kernel handles this parameter (see :func:`why_not`)."""
+    return why_not(param, state_dtype) is None
 
 
-def _kernel_layout(layout: Optional[SubsetLayout]):
-    """(kind, row_len) for the kernel: 0 coordinate-wise, 1 contiguous rows, 2 columns."""
-    if layout is None or layout.coordinate_wise:
-        return 0, 0
-    rows, cols = layout.view
-    return (1, cols) if layout.dim == 1 else (2, cols)
-
-
-def aligned(layout: Optional[SubsetLayout]) -> bool:
-    """Whether subsets are the rows of the tall frame ("auto"), or absent: the subspace step then
-    needs no numerator (see the module doc)."""
-    return layout is None or (not layout.coordinate_wise and layout.target == 0)
-
-
-def _one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:
+def one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:
     """Whether the kernel's one-pass subspace step takes this one: a dense basis, subsets that
     are the rows of the tall frame (or no second moment), contiguous state and a BLAS to call."""
     return (
@@ -100,25 +92,10 @@ def _one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:
     )
 
 
-def _second_moment(beta2):
-    if beta2 is None:
-        return 1.0, 0.0
-    return (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
-
-
-def sn_step_fused_(
-    param, grad, state, *, lr, beta1, beta2, eps, weight_decay, bias_correction, layout, subspace, warn, scratch
-) -> None:
-    """Fast path of :func:`snsm.optimizer.sn_step_` (same arguments, plus a scratch-buffer dict)."""
-    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                   layout=layout, subspace=subspace, warn=warn)
-    fused_steps_([(param, grad, state, options, lr)], scratch=scratch)
-
-
 class KernelArgs(NamedTuple):
     """What a parameter's fused step hands the kernel besides its tensors and the step's
-    coefficients: fixed by the parameter's plan, so the optimizer computes it once
-    (:func:`kernel_args`) and keeps it with the plan's options under ``"kernel"``."""
+    coefficients: fixed by the parameter's plan, so it is computed once (:func:`kernel_args`)
+    and kept in the plan's :class:`~snsm._common.StepOptions` (``kernel``)."""
 
     kernel: object  # kernel_for(param.device)
     kind: int  # kernel layout: 0 coordinate-wise, 1 contiguous rows, 2 columns
@@ -128,11 +105,11 @@ class KernelArgs(NamedTuple):
     v_gain: float
 
 
-def kernel_args(param: torch.Tensor, options: dict) -> KernelArgs:
-    """:class:`KernelArgs` of ``param`` under its step options (those of :func:`snsm.optimizer.sn_step_`)."""
-    kind, row_len = _kernel_layout(options["layout"])
-    v_decay, v_gain = _second_moment(options["beta2"])
-    momentum = options["beta1"] > 0 and options["subspace"] is None
+def kernel_args(param: torch.Tensor, options: StepOptions) -> KernelArgs:
+    """:class:`KernelArgs` of ``param`` under its step options."""
+    kind, row_len = kernel_layout(options.layout)
+    v_decay, v_gain = second_moment_coefficients(options.beta2)
+    momentum = options.beta1 > 0 and options.subspace is None
     return KernelArgs(kernel_for(param.device), kind, row_len, momentum, v_decay, v_gain)
 
 
@@ -160,37 +137,34 @@ class _Batch:
 
 def fused_steps_(items, *, scratch) -> None:
     """The fast path for every parameter of a step that takes it: ``items`` are
-    ``(param, grad, state, step options but lr, lr)``, from any groups.
+    ``(param, grad, state, lr, StepOptions)``, from any groups.
 
     As little Python per parameter as it takes: what the plan fixes comes
-    precomputed (``options["kernel"]``, :func:`kernel_args`); projector
+    precomputed (``options.kernel``, :func:`kernel_args`); projector
     refreshes and subspace steps the one-pass kernel does not take run here;
     everything else goes to the kernel in one call (:func:`snsm._kernels`
     ``fused_step``), where memory-bound tensors and compute-bound subspace
     matrices share the threads, and which moves the step counters too (a
     kernel without that entry point: one multi-tensor add after its passes).
     """
-    from .optimizer import _refresh_projector, refresh_due, step_scale
-
     scales = {}  # (lr, beta1, beta2, bias_correction, step) -> lr * bias correction
     batches = {}  # kernel -> _Batch
     zero_after = []  # momentum that refresh="reference" zeroes once the step has read it
-    for param, grad, state, o, lr in items:
-        ka = o.get("kernel") or kernel_args(param, o)
+    for param, grad, state, lr, o in items:
+        ka = o.kernel or kernel_args(param, o)
         k = ka.kernel
         lr = float(lr)
-        beta1, beta2 = o["beta1"], o["beta2"]
+        beta1, beta2 = o.beta1, o.beta2
         step = int(state["step"].item()) + 1  # this step's count; the counter itself moves with the kernel call
-        key = (lr, beta1, beta2, o["bias_correction"], step)
+        key = (lr, beta1, beta2, o.bias_correction, step)
         scale = scales.get(key)
         if scale is None:
-            scale = scales[key] = step_scale(lr, beta1, beta2, step, o["bias_correction"])
-        decay = 1.0 - lr * o["weight_decay"]
-        v_decay, v_gain = ka.v_decay, ka.v_gain
-        v = state["exp_avg_sq"] if beta2 is not None else _EMPTY
-        subspace = o["subspace"]
+            scale = scales[key] = step_scale(lr, beta1, beta2, step, o.bias_correction)
+        decay = decay_factor(lr, o.weight_decay)
+        v = state["exp_avg_sq"] if beta2 is not None else EMPTY
+        subspace = o.subspace
         g = grad if grad.is_contiguous() else grad.contiguous()
-        coef = (beta1, v_decay, v_gain, o["eps"], scale, decay)
+        coef = (beta1, ka.v_decay, ka.v_gain, o.eps, scale, decay)
         batch = batches.get(k)
         if batch is None:
             batch = batches[k] = _Batch()
@@ -199,63 +173,70 @@ def fused_steps_(items, *, scratch) -> None:
             whole = batch.whole
             whole[0].append(param)
             whole[1].append(g)
-            whole[2].append(state["exp_avg"] if ka.momentum else _EMPTY)
+            whole[2].append(state["exp_avg"] if ka.momentum else EMPTY)
             whole[3].append(v)
             whole[4].append(ka.kind)
             whole[5].append(ka.row_len)
             whole[6].extend(coef)
-        elif _one_pass(k, state["proj"], state["exp_avg"], v, beta2, o["layout"]):
+        elif one_pass(k, state["proj"], state["exp_avg"], v, beta2, o.layout):
             # views only on a refresh step (each costs microseconds, and most steps need none)
-            if refresh_due(state, subspace, step) and _refresh_projector(
+            if sm.refresh_due(state, subspace, step) and sm.refresh_projector(
                     state, g.view(subspace.shape), sm.tall(state["exp_avg"], subspace.is_tall), subspace, step,
-                    o["warn"]) and subspace.refresh == "reference":
+                    o.warn) and subspace.refresh == "reference":
                 zero_after.append(state["exp_avg"])
             for column, value in zip(batch.subspace, (param, g, state["exp_avg"], state["proj"], v)):
                 column.append(value)
             batch.subspace[5].extend((*subspace.shape, subspace.is_tall))
             batch.subspace[6].extend(coef)
         else:
-            _subspace_step(k, param, g, state, step, scale, decay, v, ka.kind, ka.row_len, v_decay, v_gain,
-                           beta1=beta1, beta2=beta2, eps=o["eps"], layout=o["layout"], subspace=subspace,
-                           warn=o["warn"], scratch=scratch)
+            _subspace_step(k, ka, param, g, state, step, scale, decay, v, o, scratch)
     for k, batch in batches.items():
         batch.run(k)
     for mom in zero_after:
         mom.zero_()
 
 
-def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_decay, v_gain, *, beta1, beta2, eps,
-                   layout, subspace, warn, scratch) -> None:
+def subspace_correction_(pm, mom, r, q, d, alpha, is_tall) -> None:
+    r"""The rank-r part of a subspace step, after the kernel's pass ``W <- (W - s A / D) decay``:
+    ``W += alpha back((M - R) / D)`` (``alpha = -s decay``).
+
+    ``mom`` and ``r`` are in the tall frame (``R`` is overwritten), ``q`` the
+    basis (``N x r``) or the selected rows, ``d`` the tall frame's per-row
+    denominators ``sqrt(v) + eps`` (``None`` without a second moment) and
+    ``pm`` the parameter's matrix view.
+    """
+    x = torch.sub(mom, r, out=r)
+    if d is not None:
+        x.div_(d if q.is_floating_point() else d.index_select(0, q))
+    if q.is_floating_point():
+        if is_tall:
+            pm.addmm_(x, q.T, alpha=alpha)
+        else:
+            pm.addmm_(q, x.T, alpha=alpha)
+    else:
+        pm.index_add_(0 if is_tall else 1, q, x if is_tall else x.T, alpha=alpha)
+
+
+def _subspace_step(k, ka: KernelArgs, param, g, state, step, scale, decay, v, o: StepOptions, scratch) -> None:
     """One parameter's subspace-momentum step the one-pass kernel does not take (a row selection, subsets
     across rows, a kernel without the one-pass step); its step counter moves with the batch's kernel call."""
-    from .optimizer import _refresh_projector
-
+    subspace = o.subspace
     is_tall = subspace.is_tall
     gm = g.view(subspace.shape)
     pm = param.view(subspace.shape)
     a = sm.tall(gm, is_tall)
     mom = sm.tall(state["exp_avg"], is_tall)
-    refreshed = _refresh_projector(state, gm, mom, subspace, step, warn)
+    refreshed = sm.refresh_projector(state, gm, mom, subspace, step, o.warn)
     p = state["proj"]
     r = sm.project(a, p)
-    mom.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    if beta2 is None or aligned(layout):
+    ema_(mom, r, o.beta1)
+    if o.beta2 is None or aligned(o.layout):
         # the kernel's pass first: it updates v and applies (W - s A / D) * decay; then the rank-r
         # part with per-row denominators of the tall frame ("auto": rows of a tall G, columns of a
         # wide one), scaled by the decay it now comes after
-        k.sn_step(param, g, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, True, eps, scale, decay)
-        x = torch.sub(mom, r, out=r)
-        if beta2 is not None:
-            d = sm.tall(v.view(layout.state_shape), is_tall).sqrt().add_(eps)
-            x.div_(d if p.is_floating_point() else d.index_select(0, p))
-        alpha = -scale * decay
-        if p.is_floating_point():
-            if is_tall:
-                pm.addmm_(x, p.T, alpha=alpha)
-            else:
-                pm.addmm_(p, x.T, alpha=alpha)
-        else:
-            pm.index_add_(0 if is_tall else 1, p, x if is_tall else x.T, alpha=alpha)
+        k.sn_step(param, g, EMPTY, v, ka.kind, ka.row_len, 0.0, ka.v_decay, ka.v_gain, True, o.eps, scale, decay)
+        d = None if o.beta2 is None else sm.tall(v.view(o.layout.state_shape), is_tall).sqrt().add_(o.eps)
+        subspace_correction_(pm, mom, r, p, d, -scale * decay, is_tall)
     else:
         key = (tuple(param.shape), param.dtype)
         buf = scratch.get(key)
@@ -266,8 +247,8 @@ def _subspace_step(k, param, g, state, step, scale, decay, v, kind, row_len, v_d
             torch.addmm(a, mom - r, p.T, out=num)
         else:
             num.copy_(a).index_copy_(0, p, mom)
-        if beta2 is not None:  # the sums come from the gradient, the step from the numerator
-            k.sn_accumulate(g, v, kind, row_len, v_decay, v_gain)
-        k.sn_step(param, buf, _EMPTY, v, kind, row_len, 0.0, v_decay, v_gain, False, eps, scale, decay)
+        if o.beta2 is not None:  # the sums come from the gradient, the step from the numerator
+            k.sn_accumulate(g, v, ka.kind, ka.row_len, ka.v_decay, ka.v_gain)
+        k.sn_step(param, buf, EMPTY, v, ka.kind, ka.row_len, 0.0, ka.v_decay, ka.v_gain, False, o.eps, scale, decay)
     if refreshed and subspace.refresh == "reference":
         mom.zero_()

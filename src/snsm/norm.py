@@ -30,10 +30,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
-
 from .optimizer import Rules
-from .subset_norm import SubsetLayout
 from .variants import AdaGradSN, RMSpropSN
 
 __all__ = ["AdaGradNorm", "RMSpropNorm"]
@@ -49,16 +46,12 @@ def _check_subset_size(name: str, group: dict) -> None:
 
 
 class _PerTensor:
-    """Mixin: one Subset-Norm subset per tensor, unless the group is coordinate-wise."""
-
-    def _layout(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[SubsetLayout]:
-        if rules.beta2 is None or group["subset_size"] is None:
-            return super()._layout(p, group, rules)  # coordinate-wise (or no second moment)
-        return SubsetLayout(view=(1, p.numel()), dim=1, state_shape=(1, 1))
+    """Mixin: the variant's rules with one Subset-Norm subset per tensor (``Rules.per_tensor``),
+    unless the group is coordinate-wise."""
 
     def rules(self, group: dict) -> Rules:
         _check_subset_size(type(self).__name__, group)
-        return super().rules(group)
+        return super().rules(group)._replace(per_tensor=True)
 
 
 class AdaGradNorm(_PerTensor, AdaGradSN):

@@ -25,12 +25,25 @@ _LOW_BITS = 1 << 16
 _HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as an int32
 
 
-def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``target.copy_(SR(value))``: float32 ``value`` rounded stochastically into bfloat16 ``target``."""
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator,
+                      rows=None) -> torch.Tensor:
+    """``target.copy_(SR(value))``: float32 ``value`` rounded stochastically into bfloat16 ``target``.
+
+    ``rows=(start, total)``: ``value`` holds rows ``[start, start + value.shape[0])`` of a tensor of
+    ``total`` rows (a row shard). The noise of the whole tensor is drawn and this shard's rows kept,
+    so a sharded run rounds exactly as one process does (at the cost of a temporary of the whole
+    tensor's size in int32).
+    """
     if target.dtype != torch.bfloat16:
         raise TypeError(f"stochastic_round_ writes bfloat16 tensors (got {target.dtype})")
     bits = value.to(torch.float32).contiguous().view(torch.int32)
-    noise = torch.randint(0, _LOW_BITS, bits.shape, generator=generator, device=bits.device, dtype=torch.int32)
+    if rows is None:
+        noise = torch.randint(0, _LOW_BITS, bits.shape, generator=generator, device=bits.device, dtype=torch.int32)
+    else:
+        start, total = rows
+        whole = (total,) + tuple(bits.shape[1:])
+        noise = torch.randint(0, _LOW_BITS, whole, generator=generator, device=bits.device, dtype=torch.int32)
+        noise = noise[start: start + bits.shape[0]]
     finite = torch.isfinite(value)
     rounded = torch.where(finite, bits + noise, bits).bitwise_and_(_HIGH_MASK).view(torch.float32)
     return target.copy_(rounded.view(target.shape))  # exact: the low 16 bits are zero

@@ -53,6 +53,10 @@ __all__ = [
     "square_sums",
     "accumulate_",
     "divide_by_root",
+    "accumulate_sums_",
+    "second_moment_coefficients",
+    "aligned",
+    "kernel_layout",
 ]
 
 SubsetSize = Union[str, int, None]
@@ -144,12 +148,51 @@ def square_sums(grad: torch.Tensor, layout: SubsetLayout) -> torch.Tensor:
     return (g * g).sum(dim=layout.dim, keepdim=True)
 
 
+def second_moment_coefficients(beta2: Optional[float]) -> tuple:
+    """``(decay, gain)`` of the accumulator rule ``v <- decay * v + gain * sums``: ``(beta2, 1 - beta2)``
+    for an EMA, ``(1, 1)`` for AdaGrad's running sum (``beta2 == 1``), ``(1, 0)`` without a second moment."""
+    if beta2 is None:
+        return 1.0, 0.0
+    return (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
+
+
+def accumulate_sums_(v, sums, beta2: float):
+    """``v <- beta2 v + (1 - beta2) sums`` (EMA), or ``v <- v + sums`` (``beta2 == 1``), in place.
+
+    ``v`` and ``sums`` are tensors, or lists of tensors (one multi-tensor op for them all).
+    """
+    decay, gain = second_moment_coefficients(beta2)
+    if isinstance(v, (list, tuple)):
+        if decay != 1.0:
+            torch._foreach_mul_(v, decay)
+        if gain != 1.0:
+            torch._foreach_add_(v, sums, alpha=gain)
+        else:
+            torch._foreach_add_(v, sums)
+        return v
+    if decay != 1.0:
+        v.mul_(decay)
+    return v.add_(sums, alpha=gain) if gain != 1.0 else v.add_(sums)
+
+
 def accumulate_(v: torch.Tensor, grad: torch.Tensor, layout: SubsetLayout, beta2: float) -> torch.Tensor:
-    """Update the accumulator in place: EMA when ``beta2 < 1``, running sum when ``beta2 == 1``."""
-    sq = square_sums(grad, layout).to(v.dtype)
-    if beta2 == 1.0:
-        return v.add_(sq)
-    return v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
+    """Update the accumulator in place with ``grad``'s subset sums (:func:`accumulate_sums_`)."""
+    return accumulate_sums_(v, square_sums(grad, layout).to(v.dtype), beta2)
+
+
+def aligned(layout: Optional[SubsetLayout]) -> bool:
+    """Whether subsets are the rows of a matrix's tall frame (``"auto"``), or absent: a subspace
+    step then needs no numerator (see :mod:`snsm.fused`)."""
+    return layout is None or (not layout.coordinate_wise and layout.target == 0)
+
+
+def kernel_layout(layout: Optional[SubsetLayout]) -> tuple:
+    """``(kind, row_len)`` as the fused kernels take a layout: kind 0 coordinate-wise (or none),
+    1 contiguous rows of ``row_len``, 2 columns of a matrix ``row_len`` wide."""
+    if layout is None or layout.coordinate_wise:
+        return 0, 0
+    rows, cols = layout.view
+    return (1, cols) if layout.dim == 1 else (2, cols)
 
 
 def divide_by_root(numerator: torch.Tensor, v: torch.Tensor, layout: SubsetLayout, eps: float) -> torch.Tensor:

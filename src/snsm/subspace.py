@@ -56,13 +56,18 @@ the new basis for the refresh step and zeroes it only afterwards.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._kernels import cpu_kernel
 
 __all__ = [
+    "Subspace",
+    "refresh_due",
+    "refresh_projector",
+    "refresh_projector_traced",
+    "TRACEABLE_PROJECTIONS",
     "PROJECTIONS",
     "DENSE_PROJECTIONS",
     "REFRESH_POLICIES",
@@ -92,6 +97,28 @@ GRAM_MIN_ELEMENTS = 1 << 16
 #: randomized range finder settings (Halko et al. recommend p ~ 5-10, q ~ 1-2)
 OVERSAMPLE = 8
 POWER_ITERS = 2
+
+
+class Subspace(NamedTuple):
+    """How one matrix keeps its momentum in a subspace.
+
+    ``shape``: the ``(m, n)`` matrix view; ``rank``: ``r``; ``proj``: the
+    projector kind (:data:`PROJECTIONS`); ``gap``: steps between refreshes;
+    ``refresh``: the policy for the momentum when the basis changes
+    (:data:`REFRESH_POLICIES`); ``offset``: a refresh is due when
+    ``(step + offset) % gap == 0`` (staggered matrices get different offsets).
+    """
+
+    shape: tuple  # (m, n) matrix view
+    rank: int
+    proj: str
+    gap: int
+    refresh: str
+    offset: int = 0
+
+    @property
+    def is_tall(self) -> bool:
+        return self.shape[0] >= self.shape[1]
 
 
 def tall(x: torch.Tensor, is_tall: bool) -> torch.Tensor:
@@ -297,3 +324,95 @@ def transport(m: torch.Tensor, p_old: torch.Tensor, p_new: torch.Tensor, rows: i
     full = m.new_zeros(rows, m.shape[1])
     full.index_copy_(0, p_old, m)
     return full.index_select(0, p_new)
+
+
+def refresh_due(state: dict, sub: Subspace, step: int) -> bool:
+    """Whether the projector is recomputed at ``step``: none yet, or the (staggered) gap has come round."""
+    return (step + sub.offset) % sub.gap == 0 or int(state["proj_step"]) == 0
+
+
+def refresh_projector(
+    state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: Subspace, step: int, warn, build=None, local=None
+) -> bool:
+    """Recompute the projector if due; apply the refresh policy to the momentum.
+
+    ``build(gen)`` returns the new projector or ``None`` (default: from the full
+    gradient ``g``); ``local`` is the tensor holding ``state["proj"]``'s values
+    (its local view when state is a DTensor). Returns True when a new basis
+    replaced an earlier one at this step.
+    """
+    if not refresh_due(state, sub, step):
+        return False
+    proj_step = int(state["proj_step"])
+    gen = None
+    if "seed" in state:
+        seed = int(state["seed"])
+        gen = torch.Generator(device=g.device).manual_seed(seed)
+        state["seed"].fill_(next_seed(seed))
+    new = build(gen) if build is not None else build_projector(sub.proj, g, sub.rank, gen)
+    if new is None:
+        warn(
+            f"proj{sub.shape}",
+            f"could not compute a {sub.proj!r} projector for a {sub.shape} gradient at step {step} "
+            "(all zero, non-finite, or the factorization failed): "
+            + ("keeping the previous basis" if proj_step else "using coordinate directions until the next step"),
+        )
+        if proj_step:
+            return False
+        new = fallback_projector(sub.proj, sub.shape, sub.rank, g.device)
+    else:
+        state["proj_step"].fill_(step)
+    old = state["proj"] if local is None else local
+    if proj_step == 0 or sub.refresh == "reset":
+        mom_tall.zero_()
+    elif sub.refresh == "transport":
+        mom_tall.copy_(transport(mom_tall, old, new, max(sub.shape)))
+    # "reference": the old momentum is read in the new basis this step, zeroed after it
+    old.copy_(new)
+    return proj_step != 0
+
+
+#: projectors whose refresh traces into one graph under torch.compile (the random ones seed a host RNG)
+TRACEABLE_PROJECTIONS = ("svd", "topk")
+
+
+def _fresh(*tensors):
+    """Contiguous copies: ``torch.cond``'s branches must not alias their inputs and must agree on strides."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
+
+
+def refresh_projector_traced(state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: Subspace, step):
+    """:func:`refresh_projector` for ``torch.compile``: the same policy as tensor ops under ``torch.cond``.
+
+    No host reads: whether a refresh is due, whether the gradient is usable
+    (finite, not all zero) and what happens to the momentum are tensors.
+    Returns a bool tensor: a new basis replaced an earlier one.
+    """
+    proj, proj_step = state["proj"], state["proj_step"]
+    due = (proj_step == 0) | ((step + sub.offset) % sub.gap == 0)
+    fallback = fallback_projector(sub.proj, sub.shape, sub.rank, g.device)
+
+    def refresh(g, mom, old, proj_step, step):
+        a = g.float()
+        usable = torch.isfinite(a).all() & (a.abs().amax() > 0)
+        new = raw_projector(sub.proj, torch.where(usable, a, torch.zeros_like(a)), sub.rank)
+        first = proj_step == 0
+        new = torch.where(usable, new, torch.where(first, fallback, old))
+        if sub.refresh == "transport":
+            carried = transport(mom, old, new, max(sub.shape))
+        elif sub.refresh == "reset":
+            carried = torch.zeros_like(mom)
+        else:  # "reference": read in the new basis this step, zeroed after it
+            carried = mom.clone()
+        replaced = usable & ~first
+        mom = torch.where(replaced, carried, torch.where(first, torch.zeros_like(mom), mom))
+        return _fresh(mom, new, torch.where(usable, step.to(proj_step.dtype), proj_step), replaced)
+
+    def keep(g, mom, old, proj_step, step):
+        return _fresh(mom, old, proj_step, torch.zeros((), dtype=torch.bool, device=step.device))
+
+    mom, new, new_step, replaced = torch.cond(due, refresh, keep, (g, mom_tall, proj, proj_step, step))
+    mom_tall.copy_(mom)
+    proj.copy_(new)
+    proj_step.copy_(new_step)
+    return replaced

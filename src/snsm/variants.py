@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Tuple, Union
 
-from .optimizer import Rules, SubsetNormOptimizer, check_beta
+from ._common import check_beta
+from .optimizer import Rules, SubsetNormOptimizer
 
 __all__ = ["AdamWSN", "AdamWSNSM", "AdaGradSN", "AdaGradSNSM", "RMSpropSN", "SGDSM"]
 
