@@ -41,8 +41,6 @@ GROUP_KEYS_FROM_ELSEWHERE = frozenset({
 PORTED_OPTIONS = {
     "update_proj_gap": "proj_gap",  # GaLore
     "proj_type": "proj",  # GaLore
-    "rank_ratio": "rank",
-    "galore_scale": None,
     "scale": None,  # GaLore's update scale: fold it into lr
 }
 
