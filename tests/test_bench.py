@@ -93,14 +93,26 @@ def test_end_to_end_outputs_and_schema(full_run):
         assert o["curve"][-1][1] < o["curve"][0][1]  # it learned something
         assert o["state_bytes"] > 0 and o["peak_bytes"] > 0 and o["peak_tensor_bytes"] > 0
         assert o["tokens_per_s"] > 0 and o["step_time_ratio_vs_adamw"] > 0
+        # optimizer.step() alone: a positive part of the whole training step, on the same clock
+        assert 0 < o["optimizer_step_time_s"] < o["step_time_s"], name
+        assert 0 < o["optimizer_step_wall_s"] < o["step_wall_s"], name
+        assert o["optimizer_step_ratio_vs_adamw"] > 0
         assert (out / name / "curve.csv").read_text().startswith("tokens,val_loss\n")
     assert opts["adamw"]["tokens_to_match_adamw"] <= s["tokens"]
-    assert opts["adamw"]["step_time_ratio_vs_adamw"] == 1.0
+    assert opts["adamw"]["step_time_ratio_vs_adamw"] == 1.0 and opts["adamw"]["optimizer_step_ratio_vs_adamw"] == 1.0
     assert opts["adamw-snsm"]["state_bytes"] < opts["adamw-sn"]["state_bytes"] < opts["adamw"]["state_bytes"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "| adamw-snsm |" in md and "loss.png" in md
     assert "| adamw |" in proc.stdout  # the table is printed at the end
+    for table in (md, proc.stdout):  # the training step's column and the optimizer step's beside it
+        head = next(line for line in table.splitlines() if line.startswith("| optimizer |"))
+        cols = [c.strip() for c in head.strip("|").split("|")]
+        assert cols[-2:] == ["train step vs AdamW", "opt step vs AdamW"]
+        row = next(line for line in table.splitlines() if line.startswith("| adamw-snsm |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(cols)
+        assert float(cells[-1]) == pytest.approx(opts["adamw-snsm"]["optimizer_step_ratio_vs_adamw"], abs=0.006)
     # the tokenizer is reusable as a transformers fast tokenizer
     from transformers import PreTrainedTokenizerFast
     tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
@@ -143,6 +155,12 @@ def test_resume_after_stop_and_after_kill_matches_uninterrupted(full_run, tmp_pa
     # 3. resume to the end: the same curves, bit for bit, as the uninterrupted run
     bench(*common, "--resume")
     assert _curves(out) == _curves(ref_out)
+    # the timings span the whole run: steps 2.. of every invocation, carried by the checkpoints
+    import torch
+    for name, o in _by_name(_summary(out)).items():
+        run = torch.load(out / name / "checkpoint.pt", weights_only=True)["run"]
+        assert run["opt_timed_steps"] == run["timed_steps"] == 12 - 2, name
+        assert 0 < o["optimizer_step_time_s"] < o["step_time_s"], name
 
 
 def test_resume_refuses_other_settings(full_run, cache):
@@ -151,6 +169,62 @@ def test_resume_refuses_other_settings(full_run, cache):
     proc = bench(*args, "--out", str(out), "--cache-dir", str(cache), "--resume", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "different settings" in proc.stderr
+
+
+# the bench package's layers, lowest first: a module imports (at the top or in a function) only
+# from layers below its own, and never a name starting with "_" from another module
+BENCH_LAYERS = [
+    ["__init__"],  # BenchError
+    ["fileio", "progress"],
+    ["checkpoint"],
+    ["corpus", "tokenizer", "model", "presets", "optimizers"],
+    ["textdata"],
+    ["train"],
+    ["report"],
+    ["launch"],
+    ["speed", "theory"],
+    ["dist_speed"],
+    ["cli"],
+    ["__main__"],
+]
+
+
+def _bench_imports() -> dict[str, list[tuple[str, str]]]:
+    """Every import of a bench module by a bench module, function-level ones included:
+    ``{importer: [(imported module, imported name or "")]}``."""
+    import ast
+    pkg = ROOT / "src" / "snsm" / "bench"
+    modules = {f.stem for f in pkg.glob("*.py")}
+    found = {}
+    for f in sorted(pkg.glob("*.py")):
+        edges = []
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 or (node.module or "").startswith("snsm.bench"):
+                    path = node.module if node.level == 1 else node.module[len("snsm.bench"):].lstrip(".")
+                    target = (path or "").split(".")[0]
+                    for alias in node.names:
+                        if not target and alias.name in modules:  # from . import textdata
+                            edges.append((alias.name, ""))
+                        else:
+                            edges.append((target or "__init__", alias.name))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("snsm.bench."):
+                        edges.append((alias.name.split(".")[2], ""))
+        found[f.stem] = [(m, n) for m, n in edges if m != f.stem]
+    return found
+
+
+def test_bench_imports_point_one_way():
+    layer = {m: i for i, ms in enumerate(BENCH_LAYERS) for m in ms}
+    imports = _bench_imports()
+    assert set(imports) == set(layer), "a bench module is missing from BENCH_LAYERS"
+    for importer, edges in imports.items():
+        for target, name in edges:
+            assert not name.startswith("_"), f"{importer} imports the private {target}.{name}"
+            assert layer[target] < layer[importer], \
+                f"{importer} (layer {layer[importer]}) imports {target} (layer {layer[target]})"
 
 
 def test_tokens_to_match():
@@ -168,11 +242,13 @@ def test_summary_relative_columns_and_skipped_peers():
     meta = {"preset": "x"}
     results = [
         {"name": "adamw", "optimizer": "adamw", "lr": 1e-3, "status": "done", "final_val_loss": 5.0,
-         "final_val_ppl": math.exp(5), "state_bytes": 100, "step_time_s": 2.0, "tokens": 300,
+         "final_val_ppl": math.exp(5), "state_bytes": 100, "step_time_s": 2.0, "optimizer_step_time_s": 0.1,
+         "tokens": 300,
          "peak_rss_delta_bytes": 10, "peak_cuda_bytes": None, "tokens_per_s": 1.0,
          "curve": [[0, 9.0], [150, 6.0], [300, 5.0]]},
         {"name": "fast", "optimizer": "adamw-snsm", "lr": 1e-2, "status": "done", "final_val_loss": 4.0,
-         "final_val_ppl": math.exp(4), "state_bytes": 20, "step_time_s": 3.0, "tokens": 300,
+         "final_val_ppl": math.exp(4), "state_bytes": 20, "step_time_s": 3.0, "optimizer_step_time_s": 0.25,
+         "tokens": 300,
          "peak_rss_delta_bytes": 5, "peak_cuda_bytes": None, "tokens_per_s": 1.0,
          "curve": [[0, 9.0], [150, 4.9], [300, 4.0]]},
         {"name": "adam-mini", "optimizer": "adam-mini", "lr": 1e-3, "status": "skipped", "skipped": True,
@@ -183,6 +259,7 @@ def test_summary_relative_columns_and_skipped_peers():
     assert s["adamw_final_val_loss"] == 5.0
     assert o["adamw"]["tokens_to_match_adamw"] == 300 and o["fast"]["tokens_to_match_adamw"] == 150
     assert o["fast"]["step_time_ratio_vs_adamw"] == 1.5 and o["fast"]["state_ratio_vs_adamw"] == 0.2
+    assert o["fast"]["optimizer_step_ratio_vs_adamw"] == pytest.approx(2.5)
     assert o["fast"]["peak_bytes"] == 5
     assert o["adam-mini"]["skipped"] and "not importable" in o["adam-mini"]["reason"]
     assert all(k in o["adam-mini"] for k in REQUIRED)
@@ -347,7 +424,8 @@ def test_family_entries_build_and_step(name, one_thread):
 def test_muon_wrapper_round_trips_with_weights_only_and_resumes_exactly(tmp_path, one_thread):
     import torch
     from torch import nn
-    from snsm.bench.optimizers import MuonWithAdamW, export_state, import_state, state_bytes
+    from snsm.bench.checkpoint import export_state, import_state
+    from snsm.bench.optimizers import MuonWithAdamW, state_bytes
     from snsm.bench.train import cosine_with_warmup
 
     def make():
@@ -416,6 +494,8 @@ def test_adaptive_batch_grows_never_shrinks_and_keeps_the_token_budget(adaptive_
     ticks = [t for t, _ in a["curve"]]
     assert ticks[0] == 0 and ticks[-1] == budget and ticks == sorted(set(ticks))
     assert a["final_val_loss"] < a["curve"][0][1]
+    # step_time_s is per batch_size x seq_len tokens; the training and optimizer steps per optimizer step
+    assert 0 < a["optimizer_step_time_s"] < a["train_step_time_s"] and a["step_time_s"] > 0
     assert o["muon"]["batch_schedule"] == "fixed" and o["muon"]["steps"] == 12
     md = (adaptive_run / "results.md").read_text()
     assert "`adagrad-sn+adaptive`:" in md and "optimizer steps" in md
@@ -464,14 +544,14 @@ def test_refresh_entries_take_their_projector_and_schedule(name, proj, synchroni
 
 
 def test_batch_schedule_option_applies_to_every_entry():
-    from snsm.bench.cli import _adaptive_settings, _resolve_preset, build_parser
+    from snsm.bench.cli import adaptive_settings, build_parser, resolve_preset
     args = build_parser().parse_args(["--preset", "default", "--batch-schedule", "adaptive"])
-    preset = _resolve_preset(args)
-    assert _adaptive_settings(args, preset, ["adamw"]) == {"batch_schedule": "adaptive", "max_batch_size": 32,
+    preset = resolve_preset(args)
+    assert adaptive_settings(args, preset, ["adamw"]) == {"batch_schedule": "adaptive", "max_batch_size": 32,
                                                            "batch_eta": 0.25, "micro_batch": 2}
     args = build_parser().parse_args(["--preset", "default"])
-    assert _adaptive_settings(args, preset, ["adamw", "muon"]) is None
-    assert _adaptive_settings(args, preset, ["adagrad-norm+adaptive"])["batch_schedule"] == "fixed"
+    assert adaptive_settings(args, preset, ["adamw", "muon"]) is None
+    assert adaptive_settings(args, preset, ["adagrad-norm+adaptive"])["batch_schedule"] == "fixed"
     assert set(PRESETS["family"].optimizers) >= set(FAMILY) | {"adamw", "adagrad-norm+adaptive",
                                                                "adagrad-sn+adaptive"}
     assert not set(PRESETS["default"].optimizers) & set(FAMILY)

@@ -69,6 +69,7 @@ def test_ddp_matches_one_process(one_process, tmp_path, cache):
     got, ref = results(out)["adamw"], results(one_process)["adamw"]
     assert not got["skipped"] and (got["nproc"], got["parallel"], got["backend"]) == (2, "ddp", "gloo")
     assert all(math.isfinite(v) for _, v in got["curve"])
+    assert 0 < got["optimizer_step_time_s"] < got["step_time_s"]  # rank 0's wall time, both
     # same global batch, same tokens, same evaluation points
     assert [t for t, _ in got["curve"]] == [t for t, _ in ref["curve"]] == [0, 768, 1536]
     assert [v for _, v in got["curve"]] == pytest.approx([v for _, v in ref["curve"]], rel=1e-6)

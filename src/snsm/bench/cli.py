@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import BenchError
+from .fileio import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger("snsm.bench")
 
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_preset(args):
+def resolve_preset(args):
+    """The preset ``--preset`` names with the command line's overrides applied, checked."""
     from .model import model_size
     from .presets import get_preset
 
@@ -267,7 +269,7 @@ def _run_config(args, preset, names, lrs, device, batch=None):
     return config
 
 
-def _adaptive_settings(args, preset, names) -> dict | None:
+def adaptive_settings(args, preset, names) -> dict | None:
     """``{"batch_schedule", "max_batch_size", "batch_eta", "micro_batch"}`` if any job is adaptive, else None."""
     from .optimizers import REGISTRY
     adaptive = args.batch_schedule == "adaptive" or any(REGISTRY[n].batch_schedule == "adaptive" for n in names)
@@ -295,15 +297,15 @@ def run(args) -> int:
     from .model import build_model, count_params
     from .optimizers import parse_optimizers
     from .report import build_summary, format_table, run_note, write_outputs
-    from .train import atomic_torch_save, atomic_write_text, run_jobs
+    from .launch import run_jobs
 
     if args.stop_after is not None and args.stop_after < 1:
         raise BenchError("--stop-after must be >= 1")
-    preset = _resolve_preset(args)
+    preset = resolve_preset(args)
     names = parse_optimizers(args.optimizers, preset.optimizers)
     device = _device(args.device)
     lrs = _lrs(args, names, preset.lr_table)
-    batch = _adaptive_settings(args, preset, names)
+    batch = adaptive_settings(args, preset, names)
     _check_parallel(args, preset, names, device, batch is not None)
     nproc = args.nproc
     workers = args.workers or (1 if device.startswith("cuda") else max(1, _cpu_count() // nproc))
@@ -406,7 +408,6 @@ def run(args) -> int:
 
 def _sweep_report(out: Path, meta: dict, results: list[dict], names: list[str], factors: list[float]) -> int:
     from .report import build_summary, write_outputs
-    from .train import atomic_write_text
 
     summary = build_summary(meta, results)
     write_outputs(out, summary)

@@ -1,7 +1,16 @@
-"""Distributed benchmark jobs: ``python -m snsm.bench --nproc N --parallel ddp|fsdp``.
+"""Launching the jobs: one worker process per job, and distributed jobs under torchrun.
 
-Each job (one optimizer at one learning rate) still gets its own worker
-process from :func:`snsm.bench.train.run_jobs`; with ``--nproc N`` that worker
+:func:`run_jobs` (the parent) runs each job (one optimizer at one learning
+rate) in a fresh ``spawn``-ed process (:func:`worker_main`) with one intra-op
+thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``): on a small CPU
+machine, two single-threaded processes are about 3x faster in total than two
+2-thread ones, whose threads spin-wait against each other. A fresh process
+also makes its ``ru_maxrss`` a clean peak-memory measurement. The worker trains
+the job with :func:`snsm.bench.train.run_job` and reports its progress to the
+parent's bars (:mod:`snsm.bench.progress`).
+
+Distributed jobs (``python -m snsm.bench --nproc N --parallel ddp|fsdp``):
+with ``--nproc N`` the job's worker
 writes the job to ``<job dir>/job.json`` and runs
 ``python -m torch.distributed.run --standalone --nproc_per_node=N -m snsm.bench.launch <job.json>``
 (gloo on CPU, nccl with one GPU per process on CUDA). Every rank builds the
@@ -26,24 +35,119 @@ writes ``result.json``, ``curve.csv`` and the checkpoint: ``checkpoint.pt`` in
 the one-process format under DDP (rank 0's replica), and under FSDP a
 ``torch.distributed.checkpoint`` directory ``dcp-step<k>`` (model and
 optimizer from ``get_state_dict``, each rank writing its shards) that
-``checkpoint.pt`` names, written only after the directory is complete.
+``checkpoint.pt`` names, written only after the directory is complete
+(:mod:`snsm.bench.checkpoint`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import queue as queue_mod
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text, log_to_file
+from .progress import Bars, Progress, StdoutProgress, parse_line
+from .train import run_job
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp", "fsdp")
-PROGRESS_PREFIX = "@snsm-bench-progress "
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_main(job: dict, q=None) -> None:
+    """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early);
+    a distributed job (``nproc`` > 1) runs under torchrun (:func:`run_distributed`)."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    progress = Progress(q, job["name"])
+    try:
+        if job.get("nproc", 1) > 1:
+            status = run_distributed(job, progress)
+        else:
+            log_to_file(job, "worker.log")
+            status = run_job(job, progress)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        return
+    progress.send("done", status)
+
+
+def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:
+    """Run ``jobs`` in up to ``workers`` concurrent spawned processes; returns each job's result.
+
+    With ``resume`` set, a job that already finished (its ``result.json`` says ``done``) is not
+    run again; any other job continues from its checkpoint if it has one.
+    """
+    import multiprocessing as mp
+
+    results: dict[str, dict] = {}
+    pending = []
+    for job in jobs:
+        rpath = Path(job["dir"]) / "result.json"
+        done = json.loads(rpath.read_text()) if job.get("resume") and rpath.exists() else None
+        if done is not None and done.get("status") == "done":
+            results[job["name"]] = done
+            log.info("%s: already finished, reusing %s", job["name"], rpath)
+        else:  # not run yet, interrupted, failed or skipped: (re)run it
+            pending.append(job)
+    if not pending:
+        return results
+
+    saved_env = {k: os.environ.get(k) for k in WORKER_ENV}
+    os.environ.update(WORKER_ENV)  # inherited by the spawned workers
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    bars = Bars([j["name"] for j in pending], {j["name"]: j["steps"] for j in pending}, show_progress)
+    running: dict[str, tuple[Any, dict]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                p = ctx.Process(target=worker_main, args=(job, q), name=f"snsm-bench-{job['name']}")
+                p.start()
+                running[job["name"]] = (p, job)
+            try:
+                while True:
+                    bars.handle(q.get(timeout=0.2))
+            except queue_mod.Empty:
+                pass
+            for name, (p, job) in list(running.items()):
+                if p.is_alive():
+                    continue
+                p.join()
+                del running[name]
+                rpath = Path(job["dir"]) / "result.json"
+                if rpath.exists():
+                    results[name] = json.loads(rpath.read_text())
+                elif job.get("stop_after"):
+                    results[name] = {"name": name, "status": "stopped"}
+                else:
+                    results[name] = {"name": name, "optimizer": job["optimizer"], "lr": job["lr"],
+                                     "status": "failed", "skipped": True,
+                                     "reason": f"worker exited with code {p.exitcode}"}
+                bars.finish(name)
+    except BaseException:
+        for p, _ in running.values():
+            p.terminate()
+        for p, _ in running.values():
+            p.join(5)
+        raise
+    finally:
+        bars.close()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results
 
 
 def torchrun_command(nproc: int, job_file: Path) -> list[str]:
@@ -57,8 +161,6 @@ def run_distributed(job: dict, progress) -> str:
 
     Rank 0 writes ``result.json``; if torchrun fails without one (a rank crashed or hung and was
     killed), this writes a ``failed`` result pointing at the logs. Returns the job's status."""
-    from .train import atomic_write_text
-
     jobdir = Path(job["dir"])
     jobdir.mkdir(parents=True, exist_ok=True)
     job_file = jobdir / "job.json"
@@ -73,8 +175,9 @@ def run_distributed(job: dict, progress) -> str:
                                 text=True, bufsize=1)
         try:
             for line in proc.stdout:
-                if line.startswith(PROGRESS_PREFIX):
-                    progress.send(*json.loads(line[len(PROGRESS_PREFIX):]))
+                msg = parse_line(line)
+                if msg is not None:
+                    progress.send(*msg)
                 else:
                     err.write(line)
             code = proc.wait()
@@ -156,36 +259,6 @@ class Group:
         dist.destroy_process_group()
 
 
-def save_sharded(model, opt, path: Path) -> None:
-    """Every rank writes its shards of the model and optimizer state to the DCP directory ``path``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-
-
-def load_sharded(model, opt, path: Path) -> None:
-    """Inverse of :func:`save_sharded` (a fresh optimizer gets its state created first, by DCP)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-class StdoutProgress:
-    """Rank 0's progress messages, as JSON lines on stdout for :func:`run_distributed` to relay."""
-
-    def send(self, *msg) -> None:
-        try:
-            print(PROGRESS_PREFIX + json.dumps(msg), flush=True)
-        except Exception:  # a progress message must never stop training
-            pass
-
-
 def _exit_with_parent() -> None:
     """End this rank if torchrun dies (killed with SIGKILL it cannot take its ranks along: torchrun
     starts each in its own session, so a signal to the benchmark's process group misses them)."""
@@ -201,8 +274,6 @@ def _exit_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of one rank under torchrun: ``python -m snsm.bench.launch JOB_JSON``."""
-    from .train import WORKER_ENV, _Progress, log_to_file, run_job
-
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
     for k, v in WORKER_ENV.items():
@@ -210,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     _exit_with_parent()
     group = Group(job["parallel"], job["device"])
     log_to_file(job, "worker.log" if group.rank == 0 else f"worker-rank{group.rank}.log")
-    progress = StdoutProgress() if group.rank == 0 else _Progress(None, job["name"])
+    progress = StdoutProgress() if group.rank == 0 else Progress(None, job["name"])
     code = 1
     try:
         status = run_job(job, progress, group)

@@ -374,15 +374,23 @@ def learning_rate(name: str, table: str = "default") -> float:
         raise BenchError(f"no learning rate for {name!r} in configs/lr.json[{table!r}]") from None
 
 
-# --- state: counting and (de)serialising with tensors and plain numbers only -------------------
-
-def _galore_projector_cls():
+def preload(name: str) -> None:
+    """Import the package entry ``name`` builds its optimizer from (quietly; a failure is reported
+    when the optimizer is built), so that a memory baseline taken afterwards already holds it."""
+    package = REGISTRY[name].package
     try:
-        from galore_torch.galore_projector import GaLoreProjector
-        return GaLoreProjector
-    except Exception:
-        return None
+        with _quiet():
+            if package == "galore-torch":
+                import galore_torch  # noqa: F401
+            elif package == "adam-mini":
+                import adam_mini  # noqa: F401
+            elif package is None:
+                import snsm  # noqa: F401
+    except Exception:  # reported properly when the optimizer is built
+        pass
 
+
+# --- state: counting (its serialisation for checkpoints: snsm.bench.checkpoint) -------------------
 
 def _tensor_bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):  # a DTensor counts its local shard: what this process holds
@@ -402,41 +410,3 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (projector bases included),
     as held by this process (under FSDP: its shards, and the replicated tensors in full)."""
     return sum(_tensor_bytes(s) for s in opt.state.values())
-
-
-def export_state(opt: torch.optim.Optimizer) -> dict:
-    """``opt.state_dict()`` with any non-tensor object (GaLore's projector) replaced by its tensors,
-    so the checkpoint loads with ``torch.load(weights_only=True)``."""
-    sd = opt.state_dict()
-    proj_cls = _galore_projector_cls()
-    if proj_cls is None:
-        return sd
-    state = {}
-    for k, s in sd["state"].items():
-        s = dict(s)
-        p = s.pop("projector", None)
-        if isinstance(p, proj_cls):
-            if p.ortho_matrix is not None:
-                s["projector_ortho_matrix"] = p.ortho_matrix
-        elif p is not None:
-            s["projector"] = p
-        state[k] = s
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def import_state(opt: torch.optim.Optimizer, sd: dict) -> None:
-    """Inverse of :func:`export_state`."""
-    opt.load_state_dict(sd)
-    proj_cls = _galore_projector_cls()
-    if proj_cls is None:
-        return
-    for group in opt.param_groups:
-        if "rank" not in group or "update_proj_gap" not in group:
-            continue
-        for p in group["params"]:
-            s = opt.state.get(p)
-            if s is not None and "projector_ortho_matrix" in s:
-                proj = proj_cls(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
-                                proj_type=group["proj_type"])
-                proj.ortho_matrix = s.pop("projector_ortho_matrix")
-                s["projector"] = proj

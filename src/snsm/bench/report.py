@@ -10,9 +10,17 @@ Definitions (per optimizer):
   (``peak_rss_delta_bytes``, which sees LAPACK's SVD workspace and allocator
   slack), on CUDA ``torch.cuda.max_memory_allocated``; ``peak_tensor_bytes``
   is what ``MemTracker`` counts (live tensors only) over the first two steps;
-* ``tokens_per_s`` and ``step_time_ratio_vs_adamw`` from CPU time per step
-  (wall time, synchronized, on CUDA), excluding the first two steps; for an
-  adaptive-batch entry, per ``batch_size * seq_len`` tokens (equal work).
+* ``tokens_per_s`` and ``step_time_ratio_vs_adamw`` (the table's "train step
+  vs AdamW") from CPU time per training step (forward, backward, clipping and
+  the optimizer step; wall time, synchronized, on CUDA), excluding the first
+  two steps; for an adaptive-batch entry, per ``batch_size * seq_len`` tokens
+  (equal work);
+* ``optimizer_step_time_s`` and ``optimizer_step_ratio_vs_adamw`` (the table's
+  "opt step vs AdamW"): ``optimizer.step()`` alone, on the same clock as the
+  training step (on CUDA synchronized before and after the call), mean per
+  optimizer step over the same steps (an adaptive-batch entry too: the
+  optimizer's cost does not depend on the batch); ``optimizer_step_wall_s``
+  is its wall time.
 * distributed runs (``--nproc N --parallel ddp|fsdp``; ``nproc``, ``parallel``
   and ``backend`` at the top level): step time is rank 0's wall time,
   ``peak_bytes`` rank 0's, ``state_bytes`` what one rank holds (under FSDP
@@ -20,7 +28,8 @@ Definitions (per optimizer):
 * adaptive-batch entries (``batch_schedule: "adaptive"``) also carry
   ``steps`` (optimizer steps taken), ``batch_history`` (change points
   ``[step, tokens before it, batch size]``), ``final_batch_size``,
-  ``max_batch_size``, ``batch_eta``, ``micro_batch`` and ``opt_step_time_s``.
+  ``max_batch_size``, ``batch_eta``, ``micro_batch`` and ``train_step_time_s``
+  (the training step per optimizer step).
 """
 from __future__ import annotations
 
@@ -30,10 +39,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 REQUIRED = ("name", "lr", "final_val_loss", "final_val_ppl", "tokens_to_match_adamw", "state_bytes",
-            "peak_bytes", "tokens_per_s", "step_time_ratio_vs_adamw", "curve")
+            "peak_bytes", "tokens_per_s", "step_time_ratio_vs_adamw", "optimizer_step_time_s",
+            "optimizer_step_ratio_vs_adamw", "curve")
 
 
 def tokens_to_match(curve: list[list[float]] | None, target: float | None) -> int | None:
@@ -71,6 +83,8 @@ def build_summary(meta: dict[str, Any], results: list[dict]) -> dict[str, Any]:
         e["peak_bytes_source"] = "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss delta in the worker"
         e["tokens_to_match_adamw"] = tokens_to_match(r.get("curve"), ref_final)
         e["step_time_ratio_vs_adamw"] = _ratio(r.get("step_time_s"), ref.get("step_time_s") if ref else None)
+        e["optimizer_step_ratio_vs_adamw"] = _ratio(r.get("optimizer_step_time_s"),
+                                                    ref.get("optimizer_step_time_s") if ref else None)
         e["state_ratio_vs_adamw"] = _ratio(r.get("state_bytes"), ref.get("state_bytes") if ref else None)
         e["tokens_to_match_ratio"] = _ratio(e["tokens_to_match_adamw"], ref.get("tokens") if ref else None)
         entries.append(e)
@@ -107,12 +121,12 @@ def run_note(summary: dict[str, Any]) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The results table in Markdown."""
     head = ("| optimizer | lr | final val loss | val ppl | tokens to AdamW's final | state MiB | state vs AdamW "
-            "| peak MiB (RSS Δ) | peak MiB (tensors) | tokens/s | step time vs AdamW |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+            "| peak MiB (RSS Δ) | peak MiB (tensors) | tokens/s | train step vs AdamW | opt step vs AdamW |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for e in summary["optimizers"]:
         if e.get("skipped"):
             lines.append(f"| {e['name']} | {_num(e.get('lr'), 'g')} | skipped: {e.get('reason', '')} |"
-                         + " |" * 8)
+                         + " |" * 9)
             continue
         lines.append("| " + " | ".join([
             e["name"], _num(e["lr"], "g"), _num(e["final_val_loss"], ".4f"), _num(e["final_val_ppl"], ".2f"),
@@ -120,7 +134,7 @@ def format_table(summary: dict[str, Any]) -> str:
             _mib(e["state_bytes"]), _num(e.get("state_ratio_vs_adamw"), ".2f"),
             _mib(e.get("peak_cuda_bytes") if e.get("peak_cuda_bytes") is not None else e.get("peak_rss_delta_bytes")),
             _mib(e.get("peak_tensor_bytes")), _num(e["tokens_per_s"], ",.0f"),
-            _num(e["step_time_ratio_vs_adamw"], ".2f"),
+            _num(e["step_time_ratio_vs_adamw"], ".2f"), _num(e.get("optimizer_step_ratio_vs_adamw"), ".2f"),
         ]) + " |")
     return "\n".join(lines)
 
@@ -146,6 +160,17 @@ def format_adaptive(summary: dict[str, Any]) -> str:
             f"{summary.get('batch_size')} x {summary.get('seq_len')} tokens):\n\n" + "\n".join(lines) + "\n")
 
 
+def _timing_note(s: dict[str, Any]) -> str:
+    if (s.get("nproc") or 1) > 1:
+        clock = "rank 0's wall time, communication included"
+    elif str(s.get("device", "cpu")).startswith("cuda"):
+        clock = "wall time, CUDA synchronized"
+    else:
+        clock = "CPU time, one thread per worker"
+    return ("Train step: the whole training step (forward, backward, clipping, optimizer step); opt step: "
+            f"`optimizer.step()` alone; both {clock}, mean per step after the first two, as a ratio to AdamW's.")
+
+
 def format_results_md(summary: dict[str, Any]) -> str:
     s = summary
     out = [
@@ -166,8 +191,7 @@ def format_results_md(summary: dict[str, Any]) -> str:
         "Tokens to AdamW's final: first evaluated token count with validation loss <= AdamW's final "
         f"({_num(s.get('adamw_final_val_loss'), '.4f')}). State: optimizer-state tensors. Peak: "
         "growth of the worker's max RSS (GPU: max allocated) and MemTracker's live-tensor peak. "
-        + ("Step time: rank 0's wall time per step, communication included."
-           if (s.get("nproc") or 1) > 1 else "Step time: CPU time per step, one thread per worker."),
+        + _timing_note(s),
         "",
         *([format_adaptive(s)] if format_adaptive(s) else []),
         "![validation loss](loss.png)",
@@ -215,7 +239,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:
-    from .train import atomic_write_text
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", format_results_md(summary))
     plot(summary, out / "loss.png")

@@ -1,12 +1,9 @@
-"""Training: one worker process per optimizer, and the parent that schedules them.
+"""Training one job (one optimizer at one learning rate) in this process: :func:`run_job`.
 
-Each job (one optimizer at one learning rate) runs in a fresh ``spawn``-ed
-process with one intra-op thread (``torch.set_num_threads(1)``,
-``OMP_NUM_THREADS=1``): on a small CPU machine, two single-threaded processes
-are about 3x faster in total than two 2-thread ones, whose threads spin-wait
-against each other. A fresh process also makes its ``ru_maxrss`` a clean
-peak-memory measurement. Every job loads the same initial weights
-(``init_model.pt``) and reads the same token stream (:class:`~snsm.bench.data.Batches`).
+The scheduler that gives every job its own fresh, single-threaded worker process (and runs a
+distributed job under torchrun) is :mod:`snsm.bench.launch`, above this module. Every job loads the
+same initial weights (``init_model.pt``) and reads the same token stream
+(:class:`~snsm.bench.textdata.Batches`).
 
 Recipe (the paper's): cosine schedule with linear warm-up over the first 10%
 of steps, decaying to 10% of the peak lr; gradient clipping at 1.0; weight
@@ -16,11 +13,16 @@ at the end, on the same validation sequences for every job.
 A job writes ``checkpoint.pt`` every ``ckpt_every`` steps, atomically (write to
 a temporary file, then rename), holding the model, the optimizer state
 (tensors and plain numbers only: it loads with ``torch.load(weights_only=True)``),
-the scheduler, the data position, the RNG states and the curve so far; a
-resumed job continues from it and ends bit-identical to an uninterrupted one.
-At the end it writes ``result.json`` and ``curve.csv``.
+the scheduler, the data position, the RNG states, the curve and the timings so
+far (see :mod:`snsm.bench.checkpoint`); a resumed job continues from it and
+ends bit-identical to an uninterrupted one. At the end it writes
+``result.json`` and ``curve.csv``.
 
-Measured per job: CPU time per step (wall time with device sync on GPU), the
+Measured per job: CPU time per training step (wall time with device sync on
+GPU; ``step_time_s``: forward, backward, clipping and the optimizer step), the
+time of ``optimizer.step()`` alone on the same clock (``optimizer_step_time_s``;
+on CUDA synchronized before and after the call; ``optimizer_step_wall_s`` its
+wall time), both the mean over the steps after the first two, the
 optimizer-state bytes, and the peak memory of a training step as seen by
 ``torch.distributed._tools.mem_tracker.MemTracker`` (tensor bytes, over the
 first two steps) and by ``ru_maxrss`` minus its value before the model was
@@ -42,11 +44,12 @@ evaluations by tokens (an evaluation at the first step at or past each
 its checkpoints (resume is exact) and reports the batch-size history (change
 points ``[step, tokens before the step, batch size]``) in its result. Its
 ``step_time_s`` is CPU time per ``batch_size * seq_len`` tokens (so the
-"step time vs AdamW" column compares equal work); ``opt_step_time_s`` is per
-optimizer step.
+"train step vs AdamW" column compares equal work); ``train_step_time_s`` is
+the training step per optimizer step, and ``optimizer_step_time_s`` is per
+optimizer step too (its cost does not depend on the batch).
 
 Distributed jobs (``--nproc N --parallel ddp|fsdp``, see :mod:`snsm.bench.launch`):
-the job's worker runs the job as N torchrun processes; :func:`_train` then
+the job's worker runs the job as N torchrun processes; :func:`run_job` then
 takes a :class:`~snsm.bench.launch.Group`, wraps the model, reads its rank's
 share of every batch, averages the training loss and sums the evaluation over
 the ranks, and writes the checkpoint and results from rank 0. Its step time is
@@ -61,31 +64,16 @@ import json
 import logging
 import math
 import os
-import queue as queue_mod
 import resource
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+
+from . import checkpoint
+from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def cosine_with_warmup(total_steps: int, warmup_frac: float, min_ratio: float):
@@ -144,8 +132,12 @@ def _load_tokens(path: str):
 
 
 def train_step(model, opt, block, micro_batch: int | None, clip: float, device, autocast_dtype=None,
-               observe=None, tracker=None) -> float:
-    """One optimizer step on ``block`` (batch, seq_len + 1), in micro-batches; returns the mean loss.
+               observe=None, tracker=None) -> tuple[float, float, float]:
+    """One optimizer step on ``block`` (batch, seq_len + 1), in micro-batches.
+
+    Returns ``(loss, opt_cpu, opt_wall)``: the mean loss, and the process CPU time and the wall time
+    of ``opt.step()`` alone (on CUDA between two ``torch.cuda.synchronize``, so that neither the
+    pending backward nor the step's own kernels are misplaced).
 
     ``observe(samples)``, if given, is called after each micro-batch's ``backward()`` (before
     clipping): the adaptive batch-size controller reads the accumulating gradients there.
@@ -168,9 +160,16 @@ def train_step(model, opt, block, micro_batch: int | None, clip: float, device, 
             observe(x.size(0))
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    c0, w0 = time.process_time(), time.perf_counter()
     opt.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    opt_cpu, opt_wall = time.process_time() - c0, time.perf_counter() - w0
     opt.zero_grad(set_to_none=True)
-    return total
+    return total, opt_cpu, opt_wall
 
 
 def evaluate(model, blocks, batch: int, device, autocast_dtype=None, group=None) -> float:
@@ -208,18 +207,8 @@ def _import_everything(optimizer: str) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
 
-    from .optimizers import REGISTRY, _quiet
-    package = REGISTRY[optimizer].package
-    try:
-        with _quiet():
-            if package == "galore-torch":
-                import galore_torch  # noqa: F401
-            elif package == "adam-mini":
-                import adam_mini  # noqa: F401
-            elif package is None:
-                import snsm  # noqa: F401
-    except Exception:  # reported properly when the optimizer is built
-        pass
+    from .optimizers import preload
+    preload(optimizer)
 
 
 def _memtracker_peak(tracker) -> int | None:
@@ -228,30 +217,19 @@ def _memtracker_peak(tracker) -> int | None:
     return int(max(totals)) if totals else None
 
 
-class _Progress:
-    def __init__(self, q, name: str):
-        self.q, self.name = q, name
-
-    def send(self, *msg) -> None:
-        if self.q is not None:
-            try:
-                self.q.put((msg[0], self.name) + msg[1:])
-            except Exception:  # a progress message must never stop training
-                pass
-
-
 def _local_bytes(tensors) -> int:
     """Bytes of the tensors this process holds (a DTensor's local shard)."""
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
 
-def _train(job: dict, progress: _Progress, group=None) -> dict:
-    """Train one job (on one rank of a distributed job if ``group`` is given); returns its result."""
+def _train(job: dict, progress, group=None) -> dict:
+    """Train one job (on one rank of a distributed job if ``group`` is given); returns its result.
+    ``progress``: a :class:`~snsm.bench.progress.Progress` or anything with its ``send``."""
     import torch
 
     from .model import build_model, count_params, model_size
+    from .optimizers import REGISTRY, BuildContext, state_bytes
     from .textdata import Batches, val_blocks
-    from .optimizers import REGISTRY, BuildContext, export_state, import_state, state_bytes
 
     torch.set_num_threads(job["threads"])
     device = group.device if group is not None else torch.device(job["device"])
@@ -286,6 +264,8 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
                        seed=job["seed"], aux_lr=job.get("aux_lr"))
     opt = REGISTRY[job["optimizer"]].build(inner, job["lr"], ctx)
     run = {"step": 0, "curve": [], "train_loss": [], "step_time": 0.0, "step_wall": 0.0, "timed_steps": 0,
+           # optimizer.step() alone, on the clock of step_time, and its wall time, over opt_timed_steps
+           "opt_time": 0.0, "opt_wall": 0.0, "opt_timed_steps": 0,
            "peak_tensor_bytes": None, "peak_rss_delta_bytes": 0, "peak_cuda_bytes": None, "diverged": False}
     factor = cosine_with_warmup(steps, job["warmup_frac"], job["min_lr_ratio"])
     adaptive = job.get("batch_schedule") == "adaptive"
@@ -308,46 +288,11 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
         return run["tokens"] >= train_tokens if adaptive else run["step"] >= steps
     ckpt_path = jobdir / "checkpoint.pt"
     if job.get("resume") and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True, map_location=device)
-        if ck["job"] != _identity(job):
-            from . import BenchError
-            raise BenchError(f"{ckpt_path} was written by a different configuration; use a new --out")
-        if "dcp" in ck:
-            from .launch import load_sharded
-            load_sharded(inner, opt, jobdir / ck["dcp"])
-        else:
-            inner.load_state_dict(ck["model"])
-            import_state(opt, ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if cuda and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-        run.update(ck["run"])
-        if ctl is not None:
-            ctl.load_state_dict(ck["batch"])
-        assert ck["data"]["step"] == run["step"]
+        checkpoint.restore(ckpt_path, job, inner, opt, sched, run, device, ctl)
         log.info("resumed %s at step %d", job["name"], run["step"])
 
     def save_checkpoint() -> None:
-        if sharded:  # every rank writes its shards; checkpoint.pt names the directory once it is complete
-            from .launch import save_sharded
-            states = {"dcp": f"dcp-step{run['step']}"}
-            save_sharded(inner, opt, jobdir / states["dcp"])
-        elif rank0:
-            states = {"model": inner.state_dict(), "optimizer": export_state(opt)}
-        if not rank0:
-            return
-        atomic_torch_save({
-            "job": _identity(job), **states,
-            "scheduler": sched.state_dict(), "data": {"step": run["step"], "seed": job["seed"]},
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None},
-            "run": run, **({"batch": ctl.state_dict()} if ctl is not None else {}),
-        }, ckpt_path)
-        if sharded:
-            import shutil
-            for old in jobdir.glob("dcp-step*"):
-                if old.name != states["dcp"]:
-                    shutil.rmtree(old, ignore_errors=True)
+        checkpoint.save(ckpt_path, job, inner, opt, sched, run, device, ctl, sharded=sharded, rank0=rank0)
 
     def eval_now() -> None:
         loss = evaluate(inner, val, job["eval_batch"], device, amp, group)
@@ -381,12 +326,13 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
         c0, w0 = time.process_time(), time.perf_counter()
         if tracker is not None:
             with tracker:
-                loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp, observe,
-                                  tracker)
+                loss, opt_cpu, opt_wall = train_step(model, opt, block, job["micro_batch"], job["clip"], device,
+                                                     amp, observe, tracker)
             peak = _memtracker_peak(tracker)
             run["peak_tensor_bytes"] = max(run["peak_tensor_bytes"] or 0, peak or 0) or None
         else:
-            loss = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp, observe)
+            loss, opt_cpu, opt_wall = train_step(model, opt, block, job["micro_batch"], job["clip"], device, amp,
+                                                 observe)
         if group is not None:
             loss = group.mean(loss)  # the global batch's loss, the same on every rank
         if cuda:
@@ -404,6 +350,9 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
             run["step_time"] += wall if wall_time else cpu
             run["step_wall"] += wall
             run["timed_steps"] += 1
+            run["opt_time"] += opt_wall if wall_time else opt_cpu
+            run["opt_wall"] += opt_wall
+            run["opt_timed_steps"] += 1
             if adaptive:
                 run["timed_tokens"] += block.size(0) * seq
         run["train_loss"].append(loss)
@@ -432,12 +381,15 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
     final = run["curve"][-1][1] if run["curve"] and not run["diverged"] else None
     per_step = run["step_time"] / run["timed_steps"] if run["timed_steps"] else None
     per_wall = run["step_wall"] / run["timed_steps"] if run["timed_steps"] else None
+    n_opt = run["opt_timed_steps"]
+    opt_per_step = run["opt_time"] / n_opt if n_opt else None  # per optimizer step, also for adaptive jobs
+    opt_per_wall = run["opt_wall"] / n_opt if n_opt else None
     extra = {"batch_schedule": "adaptive" if adaptive else "fixed"}
     if group is not None:
         extra.update({"nproc": group.world, "parallel": group.parallel, "backend": group.backend})
     if adaptive:
         extra.update({
-            "opt_step_time_s": per_step, "micro_batch": job["micro_batch"], "max_batch_size": job["max_batch_size"],
+            "train_step_time_s": per_step, "micro_batch": job["micro_batch"], "max_batch_size": job["max_batch_size"],
             "batch_eta": job["batch_eta"], "batch_test": "norm", "batch_history": run["batch_history"],
             # the largest batch used (the batch never shrinks; only the very last one may be cut)
             "final_batch_size": max((b for _, _, b in run["batch_history"]), default=bsz),
@@ -454,6 +406,7 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
         "peak_tensor_bytes": run["peak_tensor_bytes"], "peak_rss_delta_bytes": run["peak_rss_delta_bytes"],
         "peak_cuda_bytes": run["peak_cuda_bytes"],
         "step_time_s": per_step, "step_wall_s": per_wall,
+        "optimizer_step_time_s": opt_per_step, "optimizer_step_wall_s": opt_per_wall,
         "step_time_kind": ("wall, rank 0" if group is not None else "wall") + (" (cuda synchronized)" if cuda else "")
         if wall_time else "process CPU time",
         "tokens_per_s": tokens_per_step / per_step if per_step else None,
@@ -462,34 +415,12 @@ def _train(job: dict, progress: _Progress, group=None) -> dict:
     }
 
 
-_IDENTITY_KEYS = ("optimizer", "lr", "model", "vocab_size", "seq_len", "batch_size", "micro_batch", "steps",
-                  "eval_every", "eval_seqs", "warmup_frac", "min_lr_ratio", "clip", "rank", "proj_gap", "seed")
-
-
-_OPTIONAL_IDENTITY_KEYS = ("aux_lr", "batch_schedule", "max_batch_size", "batch_eta", "nproc", "parallel")  # when set
-
-
-def _identity(job: dict) -> dict:
-    ident = {k: job[k] for k in _IDENTITY_KEYS}
-    ident.update({k: job[k] for k in _OPTIONAL_IDENTITY_KEYS if job.get(k) is not None})
-    return ident
-
-
-def log_to_file(job: dict, name: str) -> None:
-    """Send this process' logging (and library warnings) to ``<job dir>/<name>``."""
-    jobdir = Path(job["dir"])
-    jobdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(jobdir / name, mode="a" if job.get("resume") else "w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)  # library warnings go to the log, not through the progress bars
-
-
-def run_job(job: dict, progress: _Progress, group=None) -> str:
+def run_job(job: dict, progress, group=None) -> str:
     """Train one job and (on rank 0) write ``result.json`` and ``curve.csv`` unless it stopped
-    early; a failure becomes a ``failed`` result. Returns the status."""
+    early; a failure becomes a ``failed`` result. Returns the status.
+
+    ``progress``: where the job's progress messages go (:mod:`snsm.bench.progress`); ``group``: this
+    process' :class:`~snsm.bench.launch.Group` in a distributed job, None for a one-process job."""
     from .optimizers import PeerUnavailable
     jobdir = Path(job["dir"])
     try:
@@ -513,138 +444,3 @@ def run_job(job: dict, progress: _Progress, group=None) -> str:
             atomic_write_text(jobdir / "curve.csv",
                               "tokens,val_loss\n" + "".join(f"{t},{v:.6f}\n" for t, v in result["curve"]))
     return result["status"]
-
-
-def worker_main(job: dict, q=None) -> None:
-    """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early);
-    a distributed job (``nproc`` > 1) runs under torchrun (:func:`snsm.bench.launch.run_distributed`)."""
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
-    progress = _Progress(q, job["name"])
-    try:
-        if job.get("nproc", 1) > 1:
-            from .launch import run_distributed
-            status = run_distributed(job, progress)
-        else:
-            log_to_file(job, "worker.log")
-            status = run_job(job, progress)
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
-        return
-    progress.send("done", status)
-
-
-def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:
-    """Run ``jobs`` in up to ``workers`` concurrent spawned processes; returns each job's result.
-
-    With ``resume`` set, a job that already finished (its ``result.json`` says ``done``) is not
-    run again; any other job continues from its checkpoint if it has one.
-    """
-    import multiprocessing as mp
-
-    results: dict[str, dict] = {}
-    pending = []
-    for job in jobs:
-        rpath = Path(job["dir"]) / "result.json"
-        done = json.loads(rpath.read_text()) if job.get("resume") and rpath.exists() else None
-        if done is not None and done.get("status") == "done":
-            results[job["name"]] = done
-            log.info("%s: already finished, reusing %s", job["name"], rpath)
-        else:  # not run yet, interrupted, failed or skipped: (re)run it
-            pending.append(job)
-    if not pending:
-        return results
-
-    saved_env = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(WORKER_ENV)  # inherited by the spawned workers
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    bars = _Bars([j["name"] for j in pending], {j["name"]: j["steps"] for j in pending}, show_progress)
-    running: dict[str, tuple[Any, dict]] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                p = ctx.Process(target=worker_main, args=(job, q), name=f"snsm-bench-{job['name']}")
-                p.start()
-                running[job["name"]] = (p, job)
-            try:
-                while True:
-                    bars.handle(q.get(timeout=0.2))
-            except queue_mod.Empty:
-                pass
-            for name, (p, job) in list(running.items()):
-                if p.is_alive():
-                    continue
-                p.join()
-                del running[name]
-                rpath = Path(job["dir"]) / "result.json"
-                if rpath.exists():
-                    results[name] = json.loads(rpath.read_text())
-                elif job.get("stop_after"):
-                    results[name] = {"name": name, "status": "stopped"}
-                else:
-                    results[name] = {"name": name, "optimizer": job["optimizer"], "lr": job["lr"],
-                                     "status": "failed", "skipped": True,
-                                     "reason": f"worker exited with code {p.exitcode}"}
-                bars.finish(name)
-    except BaseException:
-        for p, _ in running.values():
-            p.terminate()
-        for p, _ in running.values():
-            p.join(5)
-        raise
-    finally:
-        bars.close()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return results
-
-
-class _Bars:
-    """One progress bar per job (tqdm, on stderr), fed by the workers' messages."""
-
-    def __init__(self, names: list[str], totals: dict[str, int], enabled: bool):
-        self.bars = {}
-        self.enabled = enabled
-        self.last_log = {}
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self.enabled = False
-            return
-        width = max(len(n) for n in names)
-        for i, n in enumerate(names):
-            self.bars[n] = tqdm(total=totals[n], desc=n.ljust(width), position=i, leave=True, unit="step",
-                                dynamic_ncols=True, mininterval=0.5)
-
-    def handle(self, msg) -> None:
-        kind, name = msg[0], msg[1]
-        bar = self.bars.get(name)
-        if kind == "step":
-            step, total, loss, tps = msg[2:]
-            if bar is not None:
-                bar.n = step
-                bar.set_postfix_str(f"loss {loss:.3f}, {tps:,.0f} tok/s", refresh=False)
-                bar.refresh()
-            elif time.monotonic() - self.last_log.get(name, 0) > 30:
-                self.last_log[name] = time.monotonic()
-                log.info("%s: step %d/%d loss %.3f %.0f tok/s", name, step, total, loss, tps)
-        elif kind == "eval":
-            step, loss = msg[2:]
-            log.debug("%s: step %d val loss %.4f", name, step, loss)
-        elif kind == "done":
-            log.info("%s: %s", name, msg[2])
-
-    def finish(self, name: str) -> None:
-        bar = self.bars.get(name)
-        if bar is not None:
-            bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
