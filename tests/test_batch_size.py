@@ -181,3 +181,25 @@ def test_mismatched_micro_batches_raise():
         ctl.observe([w], samples=2)
     with pytest.raises(ValueError, match="observe_samples"):
         ctl.observe_samples([torch.randn(4, 3)])
+
+
+def test_a_nonfinite_micro_batch_keeps_the_batch_size_once_and_later_steps_estimate():
+    """One NaN gradient used to leave every later update() raising 'cannot convert float NaN to integer'."""
+    ab = AdaptiveBatchSize(8, 64, eta=1.0)
+    p = nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([float("nan"), 1.0, 2.0])
+    ab.observe([p], 4)
+    p.grad = p.grad + torch.randn(3)
+    ab.observe([p], 4)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert ab.update() == 8
+    assert ab.last_statistic is None
+    torch.manual_seed(0)
+    for _ in range(2):  # later steps: estimated as usual (noisy gradients grow the batch)
+        p.grad = None
+        for _ in range(4):
+            grad = torch.randn(3) * 10.0
+            p.grad = grad if p.grad is None else p.grad + grad
+            ab.observe([p], 4)
+        ab.update()
+    assert ab.batch_size > 8 and math.isfinite(ab.last_statistic)

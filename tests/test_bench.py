@@ -171,62 +171,6 @@ def test_resume_refuses_other_settings(full_run, cache):
     assert proc.stderr.strip().count("\n") == 0 and "different settings" in proc.stderr
 
 
-# the bench package's layers, lowest first: a module imports (at the top or in a function) only
-# from layers below its own, and never a name starting with "_" from another module
-BENCH_LAYERS = [
-    ["__init__"],  # BenchError
-    ["fileio", "progress"],
-    ["checkpoint"],
-    ["corpus", "tokenizer", "model", "presets", "optimizers"],
-    ["textdata"],
-    ["train"],
-    ["report"],
-    ["launch"],
-    ["speed", "theory"],
-    ["dist_speed"],
-    ["cli"],
-    ["__main__"],
-]
-
-
-def _bench_imports() -> dict[str, list[tuple[str, str]]]:
-    """Every import of a bench module by a bench module, function-level ones included:
-    ``{importer: [(imported module, imported name or "")]}``."""
-    import ast
-    pkg = ROOT / "src" / "snsm" / "bench"
-    modules = {f.stem for f in pkg.glob("*.py")}
-    found = {}
-    for f in sorted(pkg.glob("*.py")):
-        edges = []
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1 or (node.module or "").startswith("snsm.bench"):
-                    path = node.module if node.level == 1 else node.module[len("snsm.bench"):].lstrip(".")
-                    target = (path or "").split(".")[0]
-                    for alias in node.names:
-                        if not target and alias.name in modules:  # from . import textdata
-                            edges.append((alias.name, ""))
-                        else:
-                            edges.append((target or "__init__", alias.name))
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.startswith("snsm.bench."):
-                        edges.append((alias.name.split(".")[2], ""))
-        found[f.stem] = [(m, n) for m, n in edges if m != f.stem]
-    return found
-
-
-def test_bench_imports_point_one_way():
-    layer = {m: i for i, ms in enumerate(BENCH_LAYERS) for m in ms}
-    imports = _bench_imports()
-    assert set(imports) == set(layer), "a bench module is missing from BENCH_LAYERS"
-    for importer, edges in imports.items():
-        for target, name in edges:
-            assert not name.startswith("_"), f"{importer} imports the private {target}.{name}"
-            assert layer[target] < layer[importer], \
-                f"{importer} (layer {layer[importer]}) imports {target} (layer {layer[target]})"
-
-
 def test_tokens_to_match():
     curve = [[0, 9.0], [100, 6.0], [200, 5.0], [300, 4.5]]
     assert tokens_to_match(curve, 5.0) == 200  # <= counts

@@ -44,23 +44,23 @@ ORDER = [
     # 5 integrations (imported only when used)
     "snsm.integrations",
     "snsm.integrations.transformers",
-    # 6 application
+    # 6 application: I/O and checkpointing below train, launch above it, cli on top
     "snsm.bench",
-    "snsm.bench.io",
+    "snsm.bench.fileio",
     "snsm.bench.progress",
     "snsm.bench.checkpoint",
     "snsm.bench.corpus",
-    "snsm.bench.textdata",
     "snsm.bench.tokenizer",
     "snsm.bench.model",
     "snsm.bench.presets",
     "snsm.bench.optimizers",
+    "snsm.bench.textdata",
     "snsm.bench.train",
     "snsm.bench.report",
     "snsm.bench.launch",
     "snsm.bench.speed",
-    "snsm.bench.dist_speed",
     "snsm.bench.theory",
+    "snsm.bench.dist_speed",
     "snsm.bench.cli",
     "snsm.bench.__main__",
 ]

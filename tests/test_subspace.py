@@ -306,3 +306,30 @@ def test_vectors_and_conv_weights_in_a_subspace_group():
     assert opt.state[bias]["exp_avg"].shape == (8,)  # vectors: full momentum
     assert opt.state[conv]["exp_avg"].shape == (4, 27)  # wide view: r x n
     assert opt.state[conv]["exp_avg_sq"].shape == (1, 27)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "traced-policy"])
+def test_transport_of_a_nonfinite_momentum_resets_it(compiled):
+    """A NaN in the subspace momentum would be carried into every direction of the new basis by
+    ``transport``: the refresh starts the momentum afresh instead (eager and traced refresh alike)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 6))
+    opt = snsm.SGDSM([w], lr=0.1, momentum=0.9, rank=2, proj_gap=3, refresh="transport", stagger=False)
+    w.grad = spiked(12, 6, rank=2, seed=0)
+    opt.step()
+    state = opt.state[w]
+    state["exp_avg"][0, 0] = float("nan")  # as one non-finite gradient would leave it
+    w.grad = spiked(12, 6, rank=2, seed=1)
+    opt.step()
+    g = spiked(12, 6, rank=2, seed=2)
+    if compiled:  # the policy the compiled step runs: refresh_projector_traced at a refresh step
+        mom = state["exp_avg"]
+        sub = sm.Subspace((12, 6), 2, "svd", 3, "transport")
+        sm.refresh_projector_traced(state, g, mom, sub, torch.tensor(3.0))
+        assert torch.count_nonzero(mom) == 0 and int(state["proj_step"]) == 3
+        return
+    w.grad = g
+    opt.step()  # step 3: a refresh
+    r = g @ state["proj"]
+    assert torch.isfinite(state["exp_avg"]).all()
+    assert torch.allclose(state["exp_avg"], 0.1 * r, atol=1e-6)  # restarted: (1 - mu) R of this step only

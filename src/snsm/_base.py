@@ -10,12 +10,22 @@ What the library's optimizers share beyond torch's base class:
 * :meth:`StrictOptimizer.step` prepares the whole step (validates every group,
   gradient and piece of state) before :meth:`StrictOptimizer.apply_step`
   writes anything, so a step that raises changes nothing;
-* ``load_state_dict`` keeps the saved dtypes of state (torch casts floating
-  state to the parameter's dtype, which would turn the float32 state of a
-  bf16 parameter into bf16 and int64 projector indices into floats), moves
-  tensors to the parameter's device but for the CPU counters
-  :attr:`StrictOptimizer.CPU_STATE`, and gives options a checkpoint predates
-  their defaults;
+* ``load_state_dict`` casts floating state to the dtype this optimizer
+  gives it (:meth:`StrictOptimizer.state_spec`: the group's ``state_dtype``,
+  else float32 for bf16/fp16 parameters and the parameter's own dtype
+  otherwise), where torch casts to the parameter's dtype, which would turn
+  the float32 state of a bf16 parameter into bf16 and int64 projector
+  indices into floats; a float64 checkpoint loaded into float32 parameters
+  therefore steps in float32, as torch's would. Tensors move to the
+  parameter's device but for the CPU counters
+  :attr:`StrictOptimizer.CPU_STATE`, which become tensors where a checkpoint
+  kept them as Python numbers; options a checkpoint predates take their
+  defaults; a checkpoint of another optimizer whose state would be read
+  under other rules (AdamW-SN's EMA as AdaGrad-SN's running sum) is refused
+  (:meth:`StrictOptimizer.rules_record`);
+* ``maximize=True`` ascends (torch's convention: the gradient is negated);
+  ``capturable=True`` and ``differentiable=True`` are refused;
+* ``copy.deepcopy`` and pickling give a working optimizer;
 * one-time warnings point at the user's line.
 """
 from __future__ import annotations
@@ -35,7 +45,17 @@ __all__ = ["StrictOptimizer", "GROUP_KEYS_FROM_ELSEWHERE", "PORTED_OPTIONS"]
 #: optimizer carries them), known to every optimizer
 GROUP_KEYS_FROM_ELSEWHERE = frozenset({
     "params", "param_names", "name", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum",
+    "capturable", "differentiable",
 })
+
+#: torch.optim options no path here implements: accepted only as False
+UNSUPPORTED_FLAGS = {
+    "capturable": "the steps read their step counters on the host (they are not CUDA-graph capturable)",
+    "differentiable": "the steps run under torch.no_grad (use torch.func for gradients through an update)",
+}
+
+#: the saved param-group key that records the rules a checkpoint's state was written under
+RULES_KEY = "snsm_rules"
 
 #: options of other optimizers people port to this library, and ours that do the same job
 PORTED_OPTIONS = {
@@ -57,8 +77,19 @@ class StrictOptimizer(Optimizer):
     CPU_STATE = ("step",)
 
     def __init__(self, params, defaults: Dict[str, Any]):
-        self._warned: set = set()
+        defaults = dict(defaults)
+        defaults.setdefault("maximize", False)
+        self._init_caches()
         super().__init__(params, defaults)
+
+    def _init_caches(self) -> None:
+        """Per-process caches (not part of the optimizer's state): rebuilt after unpickling."""
+        self._warned: set = set()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.defaults.pop("differentiable", None)  # torch adds it; no option of ours (refused when True)
+        self._init_caches()
 
     # ---------------------------------------------------------------- hooks
     def validate_group(self, group: dict) -> Any:  # pragma: no cover - abstract
@@ -103,6 +134,7 @@ class StrictOptimizer(Optimizer):
             self.normalize_group(group)
             for p in group["params"]:
                 self.check_param(p, group)
+            self.check_torch_flags(group)
             self.validate_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -127,6 +159,20 @@ class StrictOptimizer(Optimizer):
                 f"{type(self).__name__} does not know the param-group option {key!r}: it is ignored{hint}",
             )
 
+    def check_torch_flags(self, group: dict) -> None:
+        """``maximize`` must be a bool; ``capturable`` and ``differentiable`` may only be False."""
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
+        for flag, why in UNSUPPORTED_FLAGS.items():
+            if group.get(flag, False) is not False:
+                raise ValueError(f"Invalid {flag}: {group[flag]!r}: {type(self).__name__} does not support "
+                                 f"{flag}=True ({why}); allowed: False")
+
+    def rules_record(self, group: dict) -> Any:
+        """What a checkpoint records of the rules ``group``'s state is written under (plain Python
+        values); ``None``: nothing to check. A load whose saved record differs is refused."""
+        return None
+
     # ---------------------------------------------------------------- warnings
     def warn_once(self, key: str, message: str) -> None:
         """``warnings.warn(message)`` the first time ``key`` is seen by this optimizer."""
@@ -145,19 +191,37 @@ class StrictOptimizer(Optimizer):
         if p.grad.shape != p.shape:
             raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
 
+    def counters(self, p: torch.Tensor, group: dict) -> tuple:
+        """The scalar CPU tensors ``p``'s state holds beside :meth:`state_spec`'s (``step``, ...)."""
+        return ("step",)
+
     def check_state(self, p: torch.Tensor, group: dict, hint: str = "") -> None:
-        """Raise if ``p``'s existing state does not have the shapes :meth:`state_spec` asks for."""
+        """Raise if ``p``'s existing state lacks a counter or a tensor of the shape and dtype
+        :meth:`state_spec` asks for (so a step never starts on state it would stop half-way through)."""
         state = self.state.get(p)
         if not state:
             return
-        for key, (shape, _) in self.state_spec(p, group).items():
+        name = type(self).__name__
+        for key in self.counters(p, group):
+            if not torch.is_tensor(state.get(key)) or state[key].numel() != 1:
+                raise ValueError(f"{name}: the state of a parameter of shape {tuple(p.shape)} has no {key!r} "
+                                 f"counter (got {state.get(key)!r}); was it loaded from another optimizer?")
+        for key, (shape, dtype) in self.state_spec(p, group).items():
             have = state.get(key)
             if have is None or tuple(have.shape) != tuple(shape):
                 raise ValueError(
-                    f"{type(self).__name__}: state {key!r} of a parameter of shape {tuple(p.shape)} is "
+                    f"{name}: state {key!r} of a parameter of shape {tuple(p.shape)} is "
                     f"{None if have is None else tuple(have.shape)}, but the group's options need {tuple(shape)}"
                     + (f" ({hint})" if hint else "")
                 )
+            if have.dtype != dtype:
+                raise ValueError(f"{name}: state {key!r} of a parameter of shape {tuple(p.shape)} is {have.dtype}, "
+                                 f"but the group's options need {dtype}")
+
+    @staticmethod
+    def gradient(p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The gradient a step descends along: ``p.grad``, negated under ``maximize=True``."""
+        return -p.grad if group["maximize"] else p.grad
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
@@ -171,19 +235,75 @@ class StrictOptimizer(Optimizer):
         return loss
 
     # ---------------------------------------------------------------- state dict
+    def state_dict(self) -> dict:
+        """As torch's, with each group's :meth:`rules_record` under ``"snsm_rules"`` (where there is one)."""
+        sd = super().state_dict()
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            record = self.rules_record(group)
+            if record is not None:
+                saved[RULES_KEY] = record
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but state keeps its saved dtypes (see the
-        module doc); group options added since the checkpoint was written take their defaults."""
+        """As ``torch.optim.Optimizer.load_state_dict``, with the dtype, counter and rules handling of
+        the module doc. Raises ``ValueError`` before changing anything for a checkpoint written under
+        other rules."""
+        self._check_rules_records(state_dict)
+        state_dict = dict(state_dict, param_groups=[{k: v for k, v in g.items() if k != RULES_KEY}
+                                                    for g in state_dict["param_groups"]])
         super().load_state_dict(state_dict)
+        self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; no option of ours
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]
+        for i, (p, group) in zip(saved_ids, owners):
             if i in saved:
-                self.state[p] = {
-                    k: (v.to(device=p.device) if torch.is_tensor(v) and k not in self.CPU_STATE else v)
-                    for k, v in saved[i].items()
-                }
+                try:
+                    spec = self.state_spec(p, group)
+                except (TypeError, ValueError):
+                    spec = {}
+                self.state[p] = {k: self._loaded(k, v, p, spec.get(k)) for k, v in saved[i].items()}
+
+    def _loaded(self, key: str, value, p: torch.Tensor, spec) -> Any:
+        """One loaded state entry: counters as CPU tensors, floating state in its spec's dtype, on ``p``'s device."""
+        if key in self.CPU_STATE:  # a copy: two optimizers loaded from one dict must not share a counter
+            if torch.is_tensor(value):
+                return value.detach().clone()
+            return torch.tensor(float(value) if key == "step" else int(value),
+                                dtype=torch.float32 if key == "step" else torch.int64)
+        if not torch.is_tensor(value):
+            return value
+        dtype = spec[1] if spec is not None and value.is_floating_point() and spec[1].is_floating_point else None
+        return value.to(device=p.device, dtype=dtype)
+
+    def _check_rules_records(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            return  # torch's load_state_dict says what is wrong
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if RULES_KEY not in saved:
+                continue
+            options = dict(self.defaults)
+            options.update({k: v for k, v in saved.items() if k not in ("params", RULES_KEY)})
+            options["params"] = group["params"]
+            try:
+                ours = self.rules_record(options)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{type(self).__name__} cannot read the checkpoint's param group {index}: {exc}") from None
+            theirs = saved[RULES_KEY]
+            if ours is not None and _plain(ours) != _plain(theirs):
+                raise ValueError(
+                    f"{type(self).__name__} cannot load this checkpoint: its param group {index} was written under "
+                    f"{theirs}, and {type(self).__name__} would read that state as {ours} (a checkpoint of another "
+                    "optimizer class or variant?)"
+                )
+
+
+def _plain(record):
+    """A record as nested lists (a checkpoint may turn tuples into lists)."""
+    if isinstance(record, (list, tuple)):
+        return [_plain(r) for r in record]
+    return record

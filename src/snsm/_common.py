@@ -36,6 +36,7 @@ __all__ = [
     "check_beta",
     "check_range",
     "compute_dtype",
+    "scalar_lr",
     "state_dtype",
     "step_count",
     "step_scale",
@@ -70,6 +71,12 @@ class StepOptions(NamedTuple):
     warn: Callable[[str, str], None]
     rounding_seed: Optional[int] = None
     kernel: Any = None
+
+
+def scalar_lr(lr):
+    """A learning rate as the steps take it: a number, or a 0-d tensor (torch.optim accepts a
+    one-element tensor of any shape, which would otherwise broadcast a parameter to its shape)."""
+    return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.dim() else lr
 
 
 def check_range(name: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:

@@ -79,13 +79,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 
 from . import paths
 from ._base import StrictOptimizer
-from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, compute_dtype, state_dtype
+from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, compute_dtype, scalar_lr, state_dtype
 from ._dtensor import gather_rows, is_dtensor, local, row_sharding, state_tensor
 from .subset_norm import subset_layout
 
@@ -200,6 +200,7 @@ class AdaGO(StrictOptimizer):
             (torch.optim.Muon's shape factors).
         adamw_lr: ``lr`` of ``subset_size=None`` groups that do not set one.
         adamw_betas, adamw_eps: AdamW's for those groups.
+        maximize: ascend instead of descend (torch's convention: the gradient is negated).
         state_dtype: as in the other snsm optimizers (``None``: float32 for
             bf16/fp16 parameters, else the parameter's dtype). ``v_sq`` is
             always float32.
@@ -227,6 +228,7 @@ class AdaGO(StrictOptimizer):
         subset_size: Optional[str] = "auto",
         rank: Optional[int] = None,
         state_dtype: Optional[str] = None,
+        maximize: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, gamma=gamma, eps=eps, v0=v0, weight_decay=weight_decay,
@@ -234,7 +236,7 @@ class AdaGO(StrictOptimizer):
                 ns_coefficients, (list, tuple)) else ns_coefficients,
             ns_dtype=ns_dtype, adaptive=adaptive, adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr,
             adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, (list, tuple)) else adamw_betas,
-            adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, state_dtype=state_dtype,
+            adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, state_dtype=state_dtype, maximize=maximize,
         )
         _number("adamw_lr", adamw_lr, 0.0)
         super().__init__(params, defaults)
@@ -362,7 +364,7 @@ class AdaGO(StrictOptimizer):
                 if not self.state[p]:
                     self._init_state(p, group)
                 if self._orthogonal(group):
-                    self._orthogonal_step(p, group)
+                    self._orthogonal_step(p, group, self.gradient(p, group))
                 else:
                     adamw.append(self._adamw_entry(p, group, index, batch))
         if adamw:
@@ -378,7 +380,7 @@ class AdaGO(StrictOptimizer):
                               warn=self.warn_once, rounding_seed=index if dtype in LOW_PRECISION else None)
         state = self.state[p]
         path = paths.choose_path(p, state, options, dtype, fused=None, foreach=None)
-        return (path, p, p.grad, state, group["lr"], paths.prepare_options(p, path, options), batch)
+        return (path, p, self.gradient(p, group), state, group["lr"], paths.prepare_options(p, path, options), batch)
 
     def step_size(self, group: dict, grad: torch.Tensor, state: dict):
         r"""``alpha_t`` for one matrix; updates the accumulator ``v_sq`` in place.
@@ -388,7 +390,7 @@ class AdaGO(StrictOptimizer):
         ``max(eps, eta_t min(||G_t||, gamma) / v_t)`` with
         ``v_t^2 = v_{t-1}^2 + min(||G_t||^2, gamma^2)``.
         """
-        lr = group["lr"]
+        lr = scalar_lr(group["lr"])
         if not group["adaptive"]:
             return lr
         v_sq = state["v_sq"]
@@ -400,7 +402,7 @@ class AdaGO(StrictOptimizer):
         alpha = clipped.sqrt().div(v_sq.sqrt()).mul(lr.to(v_sq.device) if torch.is_tensor(lr) else lr)
         return alpha.clamp(min=float(group["eps"]))
 
-    def _orthogonal_step(self, p: torch.Tensor, group: dict) -> None:
+    def _orthogonal_step(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
         """One step for one matrix. A row-sharded (FSDP2) matrix keeps its momentum sharded and
         all-gathers only the update it orthogonalizes (Newton-Schulz needs the whole matrix); every
         rank computes the same orthogonal matrix and applies its own rows."""
@@ -408,7 +410,7 @@ class AdaGO(StrictOptimizer):
         state["step"] += 1
         sharded = is_dtensor(p)
         compute = compute_dtype(p)
-        g = local(p.grad).to(compute)
+        g = local(grad).to(compute)
         buf = local(state["exp_avg"])
         work = buf if buf.dtype == compute else buf.to(compute)
         mu = float(group["momentum"])
@@ -425,9 +427,9 @@ class AdaGO(StrictOptimizer):
         if sharded:
             ortho = ortho[rows]
         ortho = ortho.reshape(g.shape)
-        alpha = self.step_size(group, p.grad if sharded else g, state)
+        alpha = self.step_size(group, grad if sharded else g, state)
         p = local(p)
-        lr = group["lr"]
+        lr = scalar_lr(group["lr"])
         wd = float(group["weight_decay"])
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -142,6 +143,7 @@ class AdaptiveBatchSize:
         self.steps = 0
         self.last_statistic: Optional[float] = None
         self.history: List[int] = [batch_size]
+        self._warned_nonfinite = False
         self.reset()
 
     # ------------------------------------------------------------------ observation
@@ -232,11 +234,19 @@ class AdaptiveBatchSize:
         """The test's suggested batch size (before rounding, never-shrink and the cap).
 
         ``None`` when this step cannot be estimated (fewer than 2 micro-batches
-        or samples); ``inf`` when the batch gradient is zero.
+        or samples, or a non-finite gradient among them: warned once); ``inf``
+        when the batch gradient is zero.
         """
         if self._count < 2:
             return None
         var_sum, ip_var, norm_sq = self._moments()
+        moments = (var_sum, norm_sq) if self.test == "norm" else (ip_var, norm_sq)
+        if not all(math.isfinite(x) for x in moments):  # a non-finite gradient: nothing to estimate from
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn("AdaptiveBatchSize: a non-finite gradient was observed; the batch size is kept "
+                              "for that step (later steps are estimated as usual)", RuntimeWarning, stacklevel=3)
+            return None
         if norm_sq == 0.0:
             return math.inf
         if self.test == "norm":

@@ -353,7 +353,14 @@ def sharded_step(param, grad, state, lr, options: StepOptions):
         def build(gen):
             return _sharded_projector(subspace.proj, grad, g2d, shard, subspace.rank, is_tall, gen)
 
-        refreshed = sm.refresh_projector(state, g2d, mom_a, subspace, step, o.warn, build=build, local=proj_local)
+        def all_finite(m):
+            flag = torch.isfinite(m).all().float().reshape(1)
+            if isinstance(state["exp_avg"], DTensor) and isinstance(state["exp_avg"].placements[0], Shard):
+                _all_reduce(flag, shard, dist.ReduceOp.MIN)  # rows on every rank: all must be finite
+            return bool(flag)
+
+        refreshed = sm.refresh_projector(state, g2d, mom_a, subspace, step, o.warn, build=build, local=proj_local,
+                                         all_finite=all_finite)
         p = proj_local
         rows = slice(shard.start, shard.start + shard.count)
         if _fused_local(param, state, layout, shard, subspace):

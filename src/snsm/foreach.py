@@ -18,7 +18,7 @@ reference path's, so checkpoints move between paths.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 

@@ -81,9 +81,10 @@ class AdaGradNorm(_PerTensor, AdaGradSN):
         *,
         subset_size: Optional[str] = "auto",
         state_dtype: Optional[str] = None,
+        maximize: bool = False,
     ):
         super().__init__(params, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
-                         subset_size=subset_size, state_dtype=state_dtype)
+                         subset_size=subset_size, state_dtype=state_dtype, maximize=maximize)
 
 
 class RMSpropNorm(_PerTensor, RMSpropSN):
@@ -111,6 +112,7 @@ class RMSpropNorm(_PerTensor, RMSpropSN):
         *,
         subset_size: Optional[str] = "auto",
         state_dtype: Optional[str] = None,
+        maximize: bool = False,
     ):
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                         subset_size=subset_size, state_dtype=state_dtype)
+                         subset_size=subset_size, state_dtype=state_dtype, maximize=maximize)

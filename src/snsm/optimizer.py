@@ -41,7 +41,7 @@ import torch
 from . import paths
 from . import subspace as sm
 from ._base import StrictOptimizer
-from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, check_range, state_dtype
+from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_range, state_dtype
 from ._dtensor import is_dtensor, rows_local, state_tensor
 from .subset_norm import SubsetLayout, subset_layout, validate_subset_size
 
@@ -82,7 +82,8 @@ class SubsetNormOptimizer(StrictOptimizer):
     path, :mod:`snsm.foreach`, for non-CPU tensors the fused kernel does not take,
     as torch.optim; ``True``: for every tensor it takes, instead of the kernel;
     ``False``: never). ``fused=False, foreach=False``
-    is the for-loop reference path (:mod:`snsm.paths` chooses). Variant options
+    is the for-loop reference path (:mod:`snsm.paths` chooses); ``maximize``
+    (ascend: the gradient is negated, as torch.optim). Variant options
     (``betas``, ``momentum``, ``alpha``) are read by the variant's :meth:`rules`.
     """
 
@@ -103,10 +104,13 @@ class SubsetNormOptimizer(StrictOptimizer):
         defaults.setdefault("foreach", None)
         defaults.setdefault("stagger", None)
         defaults.setdefault("stochastic_rounding", True)
+        super().__init__(params, defaults)
+
+    def _init_caches(self) -> None:
+        super()._init_caches()
         self._scratch: dict = {}
         self._plans: dict = {}  # param -> (key, (path, options)), see _planned
         self._rules: dict = {}  # id(group) -> (group, _group_key(group), rules), see _validated
-        super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- variant hook
     def rules(self, group: dict) -> Rules:  # pragma: no cover - abstract
@@ -151,12 +155,19 @@ class SubsetNormOptimizer(StrictOptimizer):
             )
         return rules
 
+    def rules_record(self, group: dict) -> list:
+        """The rules the group's state is written under, as a checkpoint records them:
+        ``[beta1, beta2, bias_correction, subspace momentum in use, per_tensor]``."""
+        rules = self.rules(group)
+        return [rules.beta1, rules.beta2, rules.bias_correction,
+                bool(rules.subspace and rules.beta1 > 0 and group["rank"] is not None), rules.per_tensor]
+
     # ---------------------------------------------------------------- layout
     def layout(self, p: torch.Tensor, group: dict, rules: Rules) -> Optional[SubsetLayout]:
         """The Subset-Norm partition of ``p`` in ``group`` (``None`` without a second moment)."""
         if rules.beta2 is None:
             return None
-        if rules.per_tensor and group["subset_size"] is not None:
+        if rules.per_tensor and group["subset_size"] is not None and p.numel():
             return SubsetLayout(view=(1, p.numel()), dim=1, state_shape=(1, 1))
         layout = subset_layout(p.shape, group["subset_size"])
         if layout.degraded:
@@ -221,6 +232,11 @@ class SubsetNormOptimizer(StrictOptimizer):
             if group["proj"] in _RANDOM_PROJECTIONS:
                 state["seed"] = torch.tensor(sm.next_seed(group["seed"] * 1_000_003 + index), dtype=torch.int64)
 
+    def counters(self, p: torch.Tensor, group: dict) -> tuple:
+        if "proj" not in self.state_spec(p, group):
+            return ("step",)
+        return ("step", "proj_step", "seed") if group["proj"] in _RANDOM_PROJECTIONS else ("step", "proj_step")
+
     def _rows_sharded(self, p, group, rules, key: str) -> bool:
         """Whether state ``key`` of a row-sharded parameter is laid out by the parameter's rows."""
         if key == "proj":
@@ -257,7 +273,7 @@ class SubsetNormOptimizer(StrictOptimizer):
             for p, index, path, options in params:
                 if not self.state[p]:
                     self._init_state(p, group, rules, index)
-                steps.append((path, p, p.grad, self.state[p], group["lr"], options, batch))
+                steps.append((path, p, self.gradient(p, group), self.state[p], group["lr"], options, batch))
         paths.run_steps(steps, scratch=self._scratch)
 
     def _validated(self, group: dict, group_key: tuple) -> Rules:

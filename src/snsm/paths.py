@@ -30,7 +30,7 @@ import torch
 from . import distributed
 from . import foreach as foreach_path
 from . import fused as fused_path
-from ._common import StepOptions
+from ._common import StepOptions, scalar_lr
 from ._dtensor import is_dtensor, row_sharding
 from ._reference import sn_step_
 
@@ -81,6 +81,7 @@ def run_steps(steps: List[Tuple], *, scratch: dict) -> None:
     """
     fast, sharded, batches = [], [], {}
     for path, param, grad, state, lr, options, batch in steps:
+        lr = scalar_lr(lr)
         if path == "fused":
             fast.append((param, grad, state, lr, options))
         elif path == "local":

@@ -332,16 +332,23 @@ def refresh_due(state: dict, sub: Subspace, step: int) -> bool:
 
 
 def refresh_projector(
-    state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: Subspace, step: int, warn, build=None, local=None
+    state: dict, g: torch.Tensor, mom_tall: torch.Tensor, sub: Subspace, step: int, warn, build=None, local=None,
+    all_finite=None,
 ) -> bool:
     """Recompute the projector if due; apply the refresh policy to the momentum.
 
     ``build(gen)`` returns the new projector or ``None`` (default: from the full
     gradient ``g``); ``local`` is the tensor holding ``state["proj"]``'s values
-    (its local view when state is a DTensor). Returns True when a new basis
-    replaced an earlier one at this step.
+    (its local view when state is a DTensor); ``all_finite(m)`` says whether
+    the whole momentum is finite (default: ``m``'s values; a row shard asks
+    every rank). Under ``transport`` a non-finite momentum is reset rather than
+    carried into every direction of the new basis. Returns True when a new
+    basis replaced an earlier one at this step.
     """
     if not refresh_due(state, sub, step):
+        return False
+    if g.device.type == "meta":  # no values to build a basis from (torch steps meta tensors as no-ops)
+        state["proj_step"].fill_(step)
         return False
     proj_step = int(state["proj_step"])
     gen = None
@@ -366,7 +373,10 @@ def refresh_projector(
     if proj_step == 0 or sub.refresh == "reset":
         mom_tall.zero_()
     elif sub.refresh == "transport":
-        mom_tall.copy_(transport(mom_tall, old, new, max(sub.shape)))
+        if all_finite(mom_tall) if all_finite is not None else bool(torch.isfinite(mom_tall).all()):
+            mom_tall.copy_(transport(mom_tall, old, new, max(sub.shape)))
+        else:  # a NaN or inf would be carried into every direction of the new basis: start afresh
+            mom_tall.zero_()
     # "reference": the old momentum is read in the new basis this step, zeroed after it
     old.copy_(new)
     return proj_step != 0
@@ -398,8 +408,9 @@ def refresh_projector_traced(state: dict, g: torch.Tensor, mom_tall: torch.Tenso
         new = raw_projector(sub.proj, torch.where(usable, a, torch.zeros_like(a)), sub.rank)
         first = proj_step == 0
         new = torch.where(usable, new, torch.where(first, fallback, old))
-        if sub.refresh == "transport":
-            carried = transport(mom, old, new, max(sub.shape))
+        if sub.refresh == "transport":  # a non-finite momentum starts afresh in the new basis
+            carried = torch.where(torch.isfinite(mom).all(), transport(mom, old, new, max(sub.shape)),
+                                  torch.zeros_like(mom))
         elif sub.refresh == "reset":
             carried = torch.zeros_like(mom)
         else:  # "reference": read in the new basis this step, zeroed after it

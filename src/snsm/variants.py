@@ -62,10 +62,11 @@ class AdamWSN(SubsetNormOptimizer):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize))
 
     def rules(self, group: dict) -> Rules:
         beta1, beta2 = _betas(group)
@@ -118,12 +119,13 @@ class AdamWSNSM(AdamWSN):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
                  proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -158,10 +160,11 @@ class AdaGradSN(SubsetNormOptimizer):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize))
 
     def rules(self, group: dict) -> Rules:
         return Rules(check_beta("momentum", group["momentum"]), 1.0, bias_correction=False, subspace=False)
@@ -200,12 +203,13 @@ class AdaGradSNSM(AdaGradSN):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         SubsetNormOptimizer.__init__(
             self, params,
             dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, subset_size=subset_size, rank=rank,
                  proj=proj, proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize),
         )
 
     def rules(self, group: dict) -> Rules:
@@ -236,10 +240,11 @@ class RMSpropSN(SubsetNormOptimizer):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       subset_size=subset_size, state_dtype=state_dtype,
-                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach))
+                                      stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize))
 
     def rules(self, group: dict) -> Rules:
         return Rules(0.0, check_beta("alpha", group["alpha"]), bias_correction=False, subspace=False)
@@ -275,12 +280,13 @@ class SGDSM(SubsetNormOptimizer):
         stochastic_rounding: bool = True,
         fused: Optional[bool] = None,
         foreach: Optional[bool] = None,
+        maximize: bool = False,
     ):
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, subset_size=None, rank=rank, proj=proj,
                  proj_gap=proj_gap, refresh=refresh, stagger=stagger, seed=seed, state_dtype=state_dtype,
-                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach),
+                 stochastic_rounding=stochastic_rounding, fused=fused, foreach=foreach, maximize=maximize),
         )
 
     def rules(self, group: dict) -> Rules:
