@@ -212,6 +212,62 @@ def bf16():
     return res
 
 
+def _train_micro(model, opt, steps, micro, split, in_backward=False, forward_inside=False):
+    """``steps`` steps of ``micro`` micro-batches each (the step's batch split in ``micro``); in backward:
+    every micro-batch but the last under ``opt.accumulating()`` (its forward too: ``forward_inside``,
+    as DDP's no_sync wants, so that those micro-batches are not all-reduced)."""
+    for t in range(steps):
+        x, y = batch(t)
+        if split:
+            x, y = x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
+        opt.zero_grad()
+        for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            if in_backward and i < micro - 1:
+                if forward_inside:
+                    with opt.accumulating():
+                        (nn.functional.mse_loss(model(xm), ym) / micro).backward()
+                    continue
+                loss = nn.functional.mse_loss(model(xm), ym) / micro
+                with opt.accumulating():
+                    loss.backward()
+            else:
+                (nn.functional.mse_loss(model(xm), ym) / micro).backward()
+        opt.step()
+
+
+def inbackward():
+    """Steps in backward under DDP (a communication hook: after the bucket's all-reduce) and FSDP2
+    (FSDP2 calls the sharded parameters' post-accumulate-grad hooks after the reduce-scatter) equal
+    one process's ordinary steps on the combined batch, with and without gradient accumulation."""
+    res = {}
+    cases = [("AdamWSN", dict(subset_size="auto")), ("AdamWSNSM", dict(rank=2, proj_gap=3)),
+             ("AdaGradSNSM", dict(rank=2, proj_gap=3, proj="topk")), ("RMSpropSN", dict(subset_size=16)),
+             ("AdaGO", {})]
+    for name, options in cases:
+        for micro in (1, 2):
+            ref = base_model()
+            _train_micro(ref, make(name, ref, options), 4, micro, split=False)
+            expected = list(ref.parameters())
+            ddp_model = DistributedDataParallel(base_model())
+            opt = make(name, ddp_model.module, options)
+            opt.step_in_backward(ddp_model)
+            _train_micro(ddp_model, opt, 4, micro, split=True, in_backward=True)
+            res[f"ddp {label(name, options)} micro={micro}"] = close(list(ddp_model.module.parameters()), expected)
+            if micro > 1:  # the forward inside accumulating(): DDP's no_sync skips those all-reduces
+                ddp_model = DistributedDataParallel(base_model())
+                opt = make(name, ddp_model.module, options)
+                opt.step_in_backward(ddp_model)
+                _train_micro(ddp_model, opt, 4, micro, split=True, in_backward=True, forward_inside=True)
+                res[f"ddp no_sync {label(name, options)} micro={micro}"] = close(
+                    list(ddp_model.module.parameters()), expected)
+            fsdp_model = sharded(base_model())
+            opt = make(name, fsdp_model, options)
+            opt.step_in_backward(fsdp_model)
+            _train_micro(fsdp_model, opt, 4, micro, split=True, in_backward=True)
+            res[f"fsdp2 {label(name, options)} micro={micro}"] = close(full(fsdp_model), expected)
+    return res
+
+
 def unusable():
     """The sharded usable-gradient check agrees on every rank with the check on the whole matrix,
     whichever rank holds the NaN, the inf or the only nonzero entry (and for a rank holding no rows)."""
@@ -271,7 +327,8 @@ def overlap():
 
 if __name__ == "__main__":
     scenario, out = sys.argv[1], sys.argv[2]
-    results = {"parity": parity, "ddp": ddp, "unusable": unusable, "overlap": overlap, "bf16": bf16}.get(scenario)
+    results = {"parity": parity, "ddp": ddp, "unusable": unusable, "overlap": overlap, "bf16": bf16,
+               "inbackward": inbackward}.get(scenario)
     results = results() if results else (dcp_resume(sys.argv[3]) if scenario == "dcp" else reshard_load(sys.argv[3]))
     if RANK == 0:
         with open(out, "w") as f:

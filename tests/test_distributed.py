@@ -65,6 +65,12 @@ def test_fsdp2_bf16_state_rounds_stochastically_as_one_process(tmp_path):
         assert results[f"{config}:nearest"] < results[f"{config}:sr"] - 0.1, (config, results)
 
 
+def test_in_backward_under_ddp_and_fsdp2_matches_one_process(tmp_path):
+    results = run("inbackward", 2, tmp_path)
+    assert len(results) == 5 * 5  # 5 optimizers: DDP and FSDP2 at 1 and 2 micro-batches, DDP's no_sync at 2
+    assert not failures(results), failures(results)
+
+
 def test_ddp_matches_single_process(tmp_path):
     results = run("ddp", 2, tmp_path)
     assert results and not failures(results)

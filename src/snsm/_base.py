@@ -26,18 +26,24 @@ What the library's optimizers share beyond torch's base class:
 * ``maximize=True`` ascends (torch's convention: the gradient is negated);
   ``capturable=True`` and ``differentiable=True`` are refused;
 * ``copy.deepcopy`` and pickling give a working optimizer;
+* :meth:`StrictOptimizer.step_in_backward` steps each parameter inside
+  backward and frees its gradient (:mod:`snsm.in_backward`), with
+  :meth:`StrictOptimizer.accumulating` for gradient accumulation; a
+  training loop keeps its shape, ``step()`` then does only what is left;
 * one-time warnings point at the user's line.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from torch.optim import Optimizer
 
 from ._common import STATE_DTYPES, caller_stacklevel
+from .in_backward import InBackward
 
 __all__ = ["StrictOptimizer", "GROUP_KEYS_FROM_ELSEWHERE", "PORTED_OPTIONS"]
 
@@ -85,6 +91,10 @@ class StrictOptimizer(Optimizer):
     def _init_caches(self) -> None:
         """Per-process caches (not part of the optimizer's state): rebuilt after unpickling."""
         self._warned: set = set()
+        self._owners: Optional[dict] = None  # param -> (group, index among all groups' parameters)
+        self._in_backward: Optional[InBackward] = None
+        self._stepped: set = set()  # stepped in backward since the last step() (their .grad may remain: DDP)
+        self.accumulating_now = False
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -118,8 +128,17 @@ class StrictOptimizer(Optimizer):
         return {}
 
     def prepare_step(self) -> Any:  # pragma: no cover - abstract
-        """Validate everything one step needs and return its plan; change nothing."""
+        """Validate everything one step needs and return its plan; change nothing. Parameters
+        :meth:`pending` says are done are left out."""
         raise NotImplementedError
+
+    def step_parameter(self, p: torch.Tensor, grad: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """Step one parameter with ``grad`` now (validated first): what a step in backward runs."""
+        raise NotImplementedError
+
+    def pending(self, p: torch.Tensor) -> bool:
+        """Whether an ordinary :meth:`step` steps ``p``: it has a gradient it did not step on in backward."""
+        return p.grad is not None and p not in self._stepped
 
     def apply_step(self, plan: Any) -> None:  # pragma: no cover - abstract
         """Carry out a plan of :meth:`prepare_step`."""
@@ -139,6 +158,29 @@ class StrictOptimizer(Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        self._owners = None
+        if getattr(self, "_in_backward", None) is not None:
+            self._in_backward.hook_new_parameters()
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """Every parameter of every group, in order."""
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def owner(self, p: torch.Tensor) -> Optional[tuple]:
+        """``(group, index)`` of parameter ``p`` (its place among all groups' parameters), or ``None``."""
+        if self._owners is None:
+            owners = {}
+            index = 0
+            for group in self.param_groups:
+                for q in group["params"]:
+                    owners[q] = (group, index)
+                    index += 1
+            self._owners = owners
+        return self._owners.get(p)
+
+    def owns(self, p: torch.Tensor) -> bool:
+        return self.owner(p) is not None
 
     def _warn_unknown_keys(self, param_group: dict) -> None:
         if not isinstance(param_group, dict) or not getattr(self, "defaults", None):
@@ -181,15 +223,16 @@ class StrictOptimizer(Optimizer):
             warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
 
     # ---------------------------------------------------------------- checks
-    def check_grad(self, p: torch.Tensor) -> None:
-        """Raise unless ``p.grad`` is a dense, real gradient of ``p``'s shape."""
+    def check_grad(self, p: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
+        """Raise unless ``grad`` (default ``p.grad``) is a dense, real gradient of ``p``'s shape."""
+        grad = p.grad if grad is None else grad
         name = type(self).__name__
-        if p.grad.is_sparse:
+        if grad.is_sparse:
             raise ValueError(f"{name} does not support sparse gradients")
-        if p.grad.is_complex():
+        if grad.is_complex():
             raise TypeError(f"{name} does not support complex gradients")
-        if p.grad.shape != p.shape:
-            raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match parameter {tuple(p.shape)}")
+        if grad.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
 
     def counters(self, p: torch.Tensor, group: dict) -> tuple:
         """The scalar CPU tensors ``p``'s state holds beside :meth:`state_spec`'s (``step``, ...)."""
@@ -219,20 +262,69 @@ class StrictOptimizer(Optimizer):
                                  f"but the group's options need {dtype}")
 
     @staticmethod
-    def gradient(p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The gradient a step descends along: ``p.grad``, negated under ``maximize=True``."""
-        return -p.grad if group["maximize"] else p.grad
+    def gradient(p: torch.Tensor, group: dict, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gradient a step descends along: ``grad`` (default ``p.grad``), negated under ``maximize=True``."""
+        grad = p.grad if grad is None else grad
+        return -grad if group["maximize"] else grad
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """Perform one optimization step. Validates everything before changing anything."""
+        """Perform one optimization step. Validates everything before changing anything.
+
+        While :meth:`step_in_backward` is on, only what is left steps (parameters whose gradient
+        appeared outside its hooks); those that stepped in backward are skipped.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.apply_step(self.prepare_step())
+        self._stepped.clear()
+        if self._in_backward is not None:
+            self._in_backward.end_step()
         return loss
+
+    # ---------------------------------------------------------------- in backward
+    def step_in_backward(self, model: Optional[torch.nn.Module] = None, *, clip: Optional[str] = None,
+                         max_norm: float = 1.0) -> InBackward:
+        """Step each parameter inside backward, as soon as its gradient is final, and free it.
+
+        Returns a handle with ``.remove()``. ``model``: the ``DistributedDataParallel`` module
+        (required under DDP: parameters step after their bucket's all-reduce) or an FSDP2 module
+        (optional: :meth:`accumulating` then skips its reduce-scatter). ``clip``: ``None``,
+        ``"tensor"`` or ``"previous"`` with ``max_norm`` (see :mod:`snsm.in_backward`). The
+        trajectory equals ordinary steps (bit for bit on every path, with the same clipping),
+        and state keeps its layout, so checkpoints move between the two modes.
+        """
+        if self._in_backward is not None:
+            raise RuntimeError(f"{type(self).__name__} already steps in backward: remove() its handle first")
+        handle = InBackward(self, model, clip, max_norm)
+        self._in_backward = handle
+        return handle
+
+    def forget_in_backward(self, handle: InBackward) -> None:
+        """Called by a handle's ``remove()``: ordinary steps from now on."""
+        if self._in_backward is handle:
+            self._in_backward = None
+            self._stepped.clear()
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        """Gradient accumulation while stepping in backward: inside, backward only accumulates
+        (``with opt.accumulating(): loss.backward()`` for every micro-batch but the last; the
+        model's ``no_sync`` too, where :meth:`step_in_backward` was given it)."""
+        previous = self.accumulating_now
+        self.accumulating_now = True
+        try:
+            with (self._in_backward.no_sync() if self._in_backward is not None else contextlib.nullcontext()):
+                yield
+        finally:
+            self.accumulating_now = previous
+
+    def stepped_in_backward(self, p: torch.Tensor) -> None:
+        """Record that ``p`` took its step in backward (an ordinary :meth:`step` skips it until the next one)."""
+        self._stepped.add(p)
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
@@ -252,6 +344,7 @@ class StrictOptimizer(Optimizer):
         state_dict = dict(state_dict, param_groups=[{k: v for k, v in g.items() if k != RULES_KEY}
                                                     for g in state_dict["param_groups"]])
         super().load_state_dict(state_dict)
+        self._owners = None
         self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; no option of ours
         for group in self.param_groups:
             for key, value in self.defaults.items():

@@ -347,7 +347,7 @@ class AdaGO(StrictOptimizer):
             params = []
             for p in group["params"]:
                 index += 1
-                if p.grad is None:
+                if not self.pending(p):
                     continue
                 self.check_grad(p)
                 if self._orthogonal(group) and p.ndim < 2:
@@ -366,11 +366,28 @@ class AdaGO(StrictOptimizer):
                 if self._orthogonal(group):
                     self._orthogonal_step(p, group, self.gradient(p, group))
                 else:
-                    adamw.append(self._adamw_entry(p, group, index, batch))
+                    adamw.append(self._adamw_entry(p, p.grad, group, index, batch))
         if adamw:
             paths.run_steps(adamw, scratch={})
 
-    def _adamw_entry(self, p: torch.Tensor, group: dict, index: int, batch: int) -> tuple:
+    def step_parameter(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """One parameter's step with ``grad`` (a step in backward), validated first."""
+        owner = self.owner(p)
+        if owner is None:
+            raise ValueError(f"AdaGO: the parameter of shape {tuple(p.shape)} is not in any group")
+        group, index = owner
+        self.validate_group(group)
+        self.check_grad(p, grad)
+        self.check_state(p, group, "was the parameter moved between the orthogonalized and the AdamW groups?")
+        if not self.state[p]:
+            self._init_state(p, group)
+        if self._orthogonal(group):
+            self._orthogonal_step(p, group, self.gradient(p, group, grad))
+        else:
+            paths.run_steps([self._adamw_entry(p, grad, group, index, 0)], scratch={})
+        self.stepped_in_backward(p)
+
+    def _adamw_entry(self, p: torch.Tensor, grad: torch.Tensor, group: dict, index: int, batch: int) -> tuple:
         """``p``'s AdamW step as :func:`snsm.paths.run_steps` takes it: coordinate-wise, bias-corrected,
         low-precision state written back with stochastic rounding."""
         beta1, beta2 = group["adamw_betas"]
@@ -379,8 +396,9 @@ class AdaGO(StrictOptimizer):
                               bias_correction=True, layout=subset_layout(p.shape, None), subspace=None,
                               warn=self.warn_once, rounding_seed=index if dtype in LOW_PRECISION else None)
         state = self.state[p]
-        path = paths.choose_path(p, state, options, dtype, fused=None, foreach=None)
-        return (path, p, self.gradient(p, group), state, group["lr"], paths.prepare_options(p, path, options), batch)
+        path = paths.choose_path(p, state, options, dtype, fused=None, foreach=None, grad=grad)
+        return (path, p, self.gradient(p, group, grad), state, group["lr"], paths.prepare_options(p, path, options),
+                batch)
 
     def step_size(self, group: dict, grad: torch.Tensor, state: dict):
         r"""``alpha_t`` for one matrix; updates the accumulator ``v_sq`` in place.

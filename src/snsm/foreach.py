@@ -18,7 +18,7 @@ reference path's, so checkpoints move between paths.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -29,10 +29,12 @@ from .weight_decay import decoupled_weight_decay_
 __all__ = ["qualifies", "sn_step_foreach_"]
 
 
-def qualifies(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
-    """Whether a parameter can take the multi-tensor path (computes in its own dtype)."""
+def qualifies(param: torch.Tensor, state_dtype: torch.dtype, grad: Optional[torch.Tensor] = None) -> bool:
+    """Whether a parameter can take the multi-tensor path (computes in its own dtype); ``grad``
+    defaults to ``param.grad``."""
+    grad = param.grad if grad is None else grad
     return (param.dtype in (torch.float32, torch.float64) and state_dtype == param.dtype
-            and param.grad is not None and param.grad.dtype == param.dtype)
+            and grad is not None and grad.dtype == param.dtype)
 
 
 def _frames(t: torch.Tensor, layout: SubsetLayout):

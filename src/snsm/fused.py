@@ -51,9 +51,11 @@ __all__ = ["EMPTY", "KernelArgs", "supports", "why_not", "kernel_args", "one_pas
 EMPTY = torch.empty(0)
 
 
-def why_not(param: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
+def why_not(param: torch.Tensor, state_dtype: torch.dtype, grad: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why no fused kernel takes this parameter, in words (``None``: one does). It takes float32
-    parameters, gradients and state, contiguous, on CPU (the C++ kernel) or CUDA (Triton)."""
+    parameters, gradients (``grad``, default ``param.grad``) and state, contiguous, on CPU (the
+    C++ kernel) or CUDA (Triton)."""
+    grad = param.grad if grad is None else grad
     if is_dtensor(param):
         return "the parameter is a DTensor (the distributed path takes it)"
     if param.dtype != torch.float32:
@@ -62,8 +64,8 @@ def why_not(param: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
         return f"its state is {state_dtype} (the kernel takes float32 state; state_dtype=None gives it)"
     if not param.is_contiguous():
         return "the parameter is not contiguous"
-    if param.grad is not None and param.grad.dtype != torch.float32:
-        return f"its gradient is {param.grad.dtype} (the kernel takes float32)"
+    if grad is not None and grad.dtype != torch.float32:
+        return f"its gradient is {grad.dtype} (the kernel takes float32)"
     if kernel_for(param.device) is None:
         if param.device.type == "cpu":
             return f"the CPU kernel is unavailable: {unavailable_reason() or 'not built'}"
@@ -73,9 +75,9 @@ def why_not(param: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def supports(param: torch.Tensor, state_dtype: torch.dtype) -> bool:
+def supports(param: torch.Tensor, state_dtype: torch.dtype, grad: Optional[torch.Tensor] = None) -> bool:
     """Whether a fused kernel handles this parameter (see :func:`why_not`)."""
-    return why_not(param, state_dtype) is None
+    return why_not(param, state_dtype, grad) is None
 
 
 def one_pass(k, proj, exp_avg, v, beta2, layout) -> bool:

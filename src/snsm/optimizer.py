@@ -260,21 +260,37 @@ class SubsetNormOptimizer(StrictOptimizer):
             params = []
             for p in group["params"]:
                 index += 1
-                if p.grad is None:
+                if not self.pending(p):
                     continue
                 self.check_grad(p)
-                params.append((p, index, *self._planned(p, group, rules, group_key, index)))
+                params.append((p, index, *self._planned(p, p.grad, group, rules, group_key, index)))
             plan.append((group, rules, params))
         return plan
 
     def apply_step(self, plan) -> None:
-        steps = []
-        for batch, (group, rules, params) in enumerate(plan):
-            for p, index, path, options in params:
-                if not self.state[p]:
-                    self._init_state(p, group, rules, index)
-                steps.append((path, p, self.gradient(p, group), self.state[p], group["lr"], options, batch))
+        steps = [self._entry(p, p.grad, group, rules, index, path, options, batch)
+                 for batch, (group, rules, params) in enumerate(plan) for p, index, path, options in params]
         paths.run_steps(steps, scratch=self._scratch)
+
+    def step_parameter(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """One parameter's step with ``grad`` (a step in backward): validated, then the same path and
+        arithmetic as in an ordinary step."""
+        owner = self.owner(p)
+        if owner is None:
+            raise ValueError(f"{type(self).__name__}: the parameter of shape {tuple(p.shape)} is not in any group")
+        group, index = owner
+        group_key = _group_key(group)
+        rules = self._validated(group, group_key)
+        self.check_grad(p, grad)
+        path, options = self._planned(p, grad, group, rules, group_key, index)
+        paths.run_steps([self._entry(p, grad, group, rules, index, path, options, 0)], scratch=self._scratch)
+        self.stepped_in_backward(p)
+
+    def _entry(self, p, grad, group, rules, index, path, options, batch) -> tuple:
+        """``p``'s entry for :func:`snsm.paths.run_steps` (its state created on its first step)."""
+        if not self.state[p]:
+            self._init_state(p, group, rules, index)
+        return (path, p, self.gradient(p, group, grad), self.state[p], group["lr"], options, batch)
 
     def _validated(self, group: dict, group_key: tuple) -> Rules:
         """:meth:`validate_group`, again only when the group's options (``_group_key``) change; the
@@ -287,12 +303,12 @@ class SubsetNormOptimizer(StrictOptimizer):
         self._rules[id(group)] = (group, group_key, rules)
         return rules
 
-    def _planned(self, p: torch.Tensor, group: dict, rules: Rules, group_key: tuple, index: int):
+    def _planned(self, p: torch.Tensor, grad: torch.Tensor, group: dict, rules: Rules, group_key: tuple, index: int):
         """``(path, StepOptions)`` for ``p``, checked and computed again only when something
         that decides them changes (the group's options, the parameter's place, shape, dtype, device or
         layout, the gradient's dtype or layout, whether state exists); cleared by ``load_state_dict``."""
         compiling = torch.compiler.is_compiling()  # traced: never the fused kernel, never a cache entry
-        key = (group_key, index, p.shape, p.dtype, p.device, p.is_contiguous(), p.grad.dtype, p.grad.is_contiguous(),
+        key = (group_key, index, p.shape, p.dtype, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(),
                bool(self.state.get(p)), compiling)
         hit = self._plans.get(p)
         if hit is not None and hit[0] == key:
@@ -312,7 +328,7 @@ class SubsetNormOptimizer(StrictOptimizer):
             rounding_seed=group["seed"] * 1_000_003 + index if rounding else None,
         )
         path = paths.choose_path(p, self.state.get(p) or {}, options, dtype, fused=group["fused"],
-                                 foreach=group["foreach"])
+                                 foreach=group["foreach"], grad=grad)
         planned = (path, paths.prepare_options(p, path, options))
         if not compiling:
             self._plans[p] = (key, planned)

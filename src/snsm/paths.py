@@ -40,10 +40,11 @@ PATHS = ("reference", "foreach", "fused", "sharded", "local")
 
 
 def choose_path(param: torch.Tensor, state: dict, options: StepOptions, state_dtype: torch.dtype, *,
-                fused: Optional[bool], foreach: Optional[bool]) -> str:
-    """The path (one of :data:`PATHS`) that steps ``param`` under a group's ``fused``/``foreach``
-    options. Raises ``RuntimeError`` for ``fused=True`` where no kernel applies, naming why, and
-    ``NotImplementedError`` for DTensor layouts other than FSDP2's row sharding."""
+                fused: Optional[bool], foreach: Optional[bool], grad: Optional[torch.Tensor] = None) -> str:
+    """The path (one of :data:`PATHS`) that steps ``param`` with gradient ``grad`` (default
+    ``param.grad``) under a group's ``fused``/``foreach`` options. Raises ``RuntimeError`` for
+    ``fused=True`` where no kernel applies, naming why, and ``NotImplementedError`` for DTensor
+    layouts other than FSDP2's row sharding."""
     compiling = torch.compiler.is_compiling()
     if is_dtensor(param):
         row_sharding(param)  # raises for layouts the distributed path does not handle
@@ -51,7 +52,7 @@ def choose_path(param: torch.Tensor, state: dict, options: StepOptions, state_dt
         local = state_dtype == torch.float32 and distributed.steps_locally(param, state, options)
         return "local" if local else "sharded"
     if foreach is not True and fused is not False and not compiling:  # compiled: inductor fuses the reference path
-        reason = fused_path.why_not(param, state_dtype)
+        reason = fused_path.why_not(param, state_dtype, grad)
         if reason is None:
             return "fused"
         if fused:
@@ -59,7 +60,7 @@ def choose_path(param: torch.Tensor, state: dict, options: StepOptions, state_dt
                                "use fused=None to fall back to the other paths")
     # foreach=None: the multi-tensor path off CPU only, as torch.optim (on a CPU it is no faster than the loop)
     wanted = foreach or (foreach is None and param.device.type != "cpu")
-    if wanted and not compiling and options.subspace is None and foreach_path.qualifies(param, state_dtype):
+    if wanted and not compiling and options.subspace is None and foreach_path.qualifies(param, state_dtype, grad):
         return "foreach"
     return "reference"
 
