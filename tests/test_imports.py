@@ -32,6 +32,7 @@ ORDER = [
     "snsm.distributed",
     "snsm.paths",
     # 3 shell
+    "snsm.in_backward",
     "snsm._base",
     "snsm.optimizer",
     # 4 variants and friends
