@@ -10,6 +10,7 @@ import logging
 from .adago import AdaGO
 from .batch_size import AdaptiveBatchSize
 from .grouping import param_groups
+from .metastorm import MetaSTORM
 from .norm import AdaGradNorm, RMSpropNorm
 from .optimizer import Rules, SubsetNormOptimizer
 from .variants import AdaGradSN, AdaGradSNSM, AdamWSN, AdamWSNSM, RMSpropSN, SGDSM
@@ -24,6 +25,7 @@ __all__ = [
     "AdaGradNorm",
     "RMSpropNorm",
     "AdaGO",
+    "MetaSTORM",
     "AdaptiveBatchSize",
     "SubsetNormOptimizer",
     "Rules",
