@@ -132,20 +132,27 @@ def newton_schulz(
     work on the wide orientation, divide by the Frobenius norm (clamped at
     ``eps``), then ``steps`` times ``A = X X^T;  X <- a X + (b A + c A^2) X``.
     Returns a new tensor of ``x``'s shape in ``dtype``; ``x`` is not modified.
+    ``x`` may also be a stack ``(k, m, n)`` of matrices of one shape: one batched
+    product per stage for all of them (bit-identical to one call each on CPU).
     """
-    if x.ndim != 2:
-        raise ValueError(f"newton_schulz expects a matrix, got shape {tuple(x.shape)}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz expects a matrix or a stack of matrices, got shape {tuple(x.shape)}")
     a, b, c = coefficients
     y = x.to(dtype, copy=True)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        y = y.T
-    y.div_(y.norm().clamp(min=eps))
+        y = y.mT
+    if y.ndim == 2:
+        y.div_(y.norm().clamp(min=eps))
+        matmul_add = torch.addmm
+    else:
+        y.div_(y.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
+        matmul_add = torch.baddbmm
     for _ in range(steps):
-        gram = y @ y.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        y = torch.addmm(y, poly, y, beta=a)
-    return y.T if tall else y
+        gram = y @ y.mT
+        poly = matmul_add(gram, gram, gram, beta=b, alpha=c)
+        y = matmul_add(y, poly, y, beta=a)
+    return y.mT if tall else y
 
 
 def _shape_factor(fn: Optional[str], m: int, n: int) -> float:
@@ -359,14 +366,25 @@ class AdaGO(StrictOptimizer):
 
     def apply_step(self, plan) -> None:
         adamw = []  # the AdamW groups' parameters, on the library's paths (fused, foreach, sharded, reference)
+        stacks = {}  # matrices of one shape and Newton-Schulz setting: orthogonalized in one batched call
         for batch, (group, params) in enumerate(plan):
             for p, index in params:
                 if not self.state[p]:
                     self._init_state(p, group)
-                if self._orthogonal(group):
+                if not self._orthogonal(group):
+                    adamw.append(self._adamw_entry(p, p.grad, group, index, batch))
+                elif is_dtensor(p):  # a row shard: gathers its update, orthogonalizes it on its own
                     self._orthogonal_step(p, group, self.gradient(p, group))
                 else:
-                    adamw.append(self._adamw_entry(p, p.grad, group, index, batch))
+                    work = self._momentum(p, group, self.gradient(p, group))
+                    key = (work[2].shape, work[2].device, newton_schulz_dtype(group["ns_dtype"], p.device),
+                           group["ns_steps"], group["ns_coefficients"])
+                    stacks.setdefault(key, []).append((p, group, work))
+        for (_, _, dtype, steps, coefficients), items in stacks.items():
+            updates = [update for _, _, (_, _, update, _) in items]
+            ortho = newton_schulz(updates[0] if len(updates) == 1 else torch.stack(updates), steps, coefficients, dtype)
+            for i, (p, group, work) in enumerate(items):
+                self._apply_orthogonal(p, group, work, ortho if len(updates) == 1 else ortho[i])
         if adamw:
             paths.run_steps(adamw, scratch={})
 
@@ -420,13 +438,11 @@ class AdaGO(StrictOptimizer):
         alpha = clipped.sqrt().div(v_sq.sqrt()).mul(lr.to(v_sq.device) if torch.is_tensor(lr) else lr)
         return alpha.clamp(min=float(group["eps"]))
 
-    def _orthogonal_step(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
-        """One step for one matrix. A row-sharded (FSDP2) matrix keeps its momentum sharded and
-        all-gathers only the update it orthogonalizes (Newton-Schulz needs the whole matrix); every
-        rank computes the same orthogonal matrix and applies its own rows."""
+    def _momentum(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> tuple:
+        """The momentum update of one matrix: ``(g, work, update, buf)``, ``update`` the ``(m, n)`` matrix
+        (this rank's rows of it for a row shard) that Newton-Schulz orthogonalizes."""
         state = self.state[p]
         state["step"] += 1
-        sharded = is_dtensor(p)
         compute = compute_dtype(p)
         g = local(grad).to(compute)
         buf = local(state["exp_avg"])
@@ -434,18 +450,35 @@ class AdaGO(StrictOptimizer):
         mu = float(group["momentum"])
         work.lerp_(g, 1.0 - mu)
         update = g.lerp(work, mu) if group["nesterov"] else work
+        rows = g.shape[0] if g.ndim else 1
+        return g, work, update.reshape(rows, g.numel() // rows if rows else 0), buf
+
+    def _orthogonal_step(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
+        """One step for one matrix. A row-sharded (FSDP2) matrix keeps its momentum sharded and
+        all-gathers only the update it orthogonalizes (Newton-Schulz needs the whole matrix); every
+        rank computes the same orthogonal matrix and applies its own rows."""
+        work = self._momentum(p, group, grad)
+        update = work[2]
+        dtype = newton_schulz_dtype(group["ns_dtype"], update.device)
+        if is_dtensor(p):
+            shard = row_sharding(p)
+            whole = gather_rows(update, shard)
+            ortho = newton_schulz(whole, group["ns_steps"], group["ns_coefficients"], dtype)
+            ortho = ortho[shard.start: shard.start + shard.count]
+        else:
+            ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], dtype)
+        self._apply_orthogonal(p, group, work, ortho, grad if is_dtensor(p) else None)
+
+    def _apply_orthogonal(self, p: torch.Tensor, group: dict, work: tuple, ortho: torch.Tensor,
+                          norm_grad: Optional[torch.Tensor] = None) -> None:
+        """``W <- (1 - eta lambda) W - s alpha_t O_t`` with ``O_t`` = ``ortho`` (this rank's rows), and the
+        momentum written back. ``norm_grad``: the (sharded) gradient whose norm feeds ``alpha_t``."""
+        g, work_t, _, buf = work
+        state = self.state[p]
         m = p.shape[0]
         n = p.numel() // m if m else 0
-        if sharded:
-            shard = row_sharding(p)
-            rows = slice(shard.start, shard.start + shard.count)
-            update = gather_rows(update.reshape(shard.count, n), shard)
-        ortho = newton_schulz(update.reshape(m, n), group["ns_steps"], group["ns_coefficients"],
-                              newton_schulz_dtype(group["ns_dtype"], g.device))
-        if sharded:
-            ortho = ortho[rows]
         ortho = ortho.reshape(g.shape)
-        alpha = self.step_size(group, grad if sharded else g, state)
+        alpha = self.step_size(group, g if norm_grad is None else norm_grad, state)
         p = local(p)
         lr = scalar_lr(group["lr"])
         wd = float(group["weight_decay"])
@@ -456,5 +489,5 @@ class AdaGO(StrictOptimizer):
             p.sub_((ortho.to(alpha.dtype) * (alpha * scale).to(ortho.device)).to(p.dtype))
         else:
             p.add_(ortho, alpha=-alpha * scale)  # torch.optim.Muon's exact arithmetic
-        if work is not buf:
-            buf.copy_(work)
+        if work_t is not buf:
+            buf.copy_(work_t)
