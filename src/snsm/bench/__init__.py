@@ -17,4 +17,9 @@ class BenchError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
 
-__all__ = ["BenchError"]
+class Terminated(KeyboardInterrupt):
+    """The benchmark was sent SIGTERM: its parent stops the workers, waits for them and exits with
+    status 143 (a ``KeyboardInterrupt``, so that no ``except Exception`` swallows it)."""
+
+
+__all__ = ["BenchError", "Terminated"]

@@ -134,7 +134,14 @@ def restore(path: Path, job: dict, model, opt, sched, run: dict, device, batch_c
     values in ``run``). Refuses a checkpoint written by another configuration."""
     import torch
 
-    ck = torch.load(path, weights_only=True, map_location=device)
+    try:
+        ck = torch.load(path, weights_only=True, map_location=device)
+    except Exception as e:  # cut short (a full disk), overwritten, not a checkpoint at all
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise BenchError(f"{path} is not a readable checkpoint (corrupt or cut short; delete it to rerun the job "
+                         f"from the start): {type(e).__name__}: {first}") from e
+    if not isinstance(ck, dict) or "job" not in ck:
+        raise BenchError(f"{path} is not a benchmark checkpoint (delete it to rerun the job from the start)")
     if ck["job"] != job_identity(job):
         raise BenchError(f"{path} was written by a different configuration; use a new --out")
     if "dcp" in ck:

@@ -13,7 +13,12 @@ Examples::
     python -m snsm.bench --optimizers adagrad-sn --batch-schedule adaptive --max-batch-size 32
     python -m snsm.bench --preset smoke --nproc 2 --parallel fsdp   # each job as 2 torchrun processes
 
-Bad input exits with a one-line error (status 2) and no traceback.
+Bad input, and an output directory that cannot be written (a file, no permission, a full disk:
+``cannot write to PATH: REASON``), exit with a one-line error (status 2) and no traceback. A job
+that fails (a corrupt checkpoint, a crash) is reported on one line of its own and the run exits with
+status 1 once its summary is written; a peer optimizer that is not installed is skipped, not failed.
+SIGTERM stops the workers, waits for them and exits with status 143; stale temporary files of killed
+processes are removed from ``--out`` when a run starts.
 """
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
-from . import BenchError
-from .fileio import atomic_torch_save, atomic_write_text
+from . import BenchError, Terminated
+from .fileio import atomic_torch_save, atomic_write_text, ensure_writable_dir, sweep_temporaries
 
 log = logging.getLogger("snsm.bench")
 
@@ -321,7 +327,8 @@ def run(args) -> int:
             raise BenchError("--sweep-factors must be positive numbers")
 
     out = Path(args.out or f"results/{preset.name}{'-sweep-lr' if args.sweep else ''}")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out)
+    sweep_temporaries(out)  # left by killed processes (this run's workers have not started yet)
     cache_dir = Path(args.cache_dir or os.environ.get("SNSM_BENCH_CACHE") or ".cache/snsm-bench")
     config = _run_config(args, preset, names, lrs, device, batch)
     cfg_path = out / "config.json"
@@ -374,10 +381,11 @@ def run(args) -> int:
     log.info("running %d job(s) on %s, %d at a time%s: %s", len(jobs), device, workers,
              f", each as {nproc} {args.parallel} processes" if nproc > 1 else "", ", ".join(j["name"] for j in jobs))
     results = run_jobs(jobs, workers, show_progress=not args.no_progress and sys.stderr.isatty())
+    code = report_failures([results[j["name"]] for j in jobs])
     stopped = [n for n, r in results.items() if r.get("status") == "stopped"]
     if stopped:
         log.warning("stopped %d job(s) early (--stop-after); continue with --resume --out %s", len(stopped), out)
-        return 0
+        return code
 
     meta = {
         "preset": preset.name, "model": preset.model, "n_params": counts["total"], "n_params_linear": counts["linear"],
@@ -398,12 +406,24 @@ def run(args) -> int:
         meta["adaptive_batch"]["test"] = "norm"
     ordered = [results[j["name"]] for j in jobs]
     if args.sweep:
-        return _sweep_report(out, meta, ordered, names, factors)
+        return _sweep_report(out, meta, ordered, names, factors) or code
     summary = build_summary(meta, ordered)
     write_outputs(out, summary)
     table = "\n\n".join(part for part in (run_note(summary), format_table(summary)) if part)
     print(f"\n{table}\n\nwrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'loss.png'}")
-    return 0
+    return code
+
+
+def report_failures(results: list[dict]) -> int:
+    """One line on stderr per failed job (``snsm-bench: error: job NAME failed: REASON``); returns the
+    run's exit status: 1 if any job failed, else 0. A skipped job (a peer optimizer that is not
+    installed) is not a failure."""
+    failed = [r for r in results if r.get("status") == "failed"]
+    for r in failed:
+        reason = (str(r.get("reason") or "").splitlines() or ["no reason recorded"])[0]
+        reason = reason[len("failed: "):] if reason.startswith("failed: ") else reason
+        print(f"snsm-bench: error: job {r['name']} failed: {reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _sweep_report(out: Path, meta: dict, results: list[dict], names: list[str], factors: list[float]) -> int:
@@ -437,7 +457,20 @@ def _sweep_report(out: Path, meta: dict, results: list[dict], names: list[str], 
     return 0
 
 
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the workers be stopped and waited for
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status: 0, 1 (a job failed), 2 (bad input, an output that
+    cannot be written), 130 (Ctrl-C) or 143 (SIGTERM; the workers are stopped and waited for first)."""
+    previous = None
+    try:  # SIGTERM -> Terminated: run_jobs forwards it to the workers and waits for them
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -446,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"snsm-bench: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("snsm-bench: terminated; continue with --resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("snsm-bench: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

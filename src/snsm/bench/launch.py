@@ -37,9 +37,19 @@ the one-process format under DDP (rank 0's replica), and under FSDP a
 optimizer from ``get_state_dict``, each rank writing its shards) that
 ``checkpoint.pt`` names, written only after the directory is complete
 (:mod:`snsm.bench.checkpoint`).
+
+Workers die with their parent: a worker asks the kernel for SIGTERM when its parent dies
+(Linux ``prctl(PR_SET_PDEATHSIG)``), checks that its parent is still the scheduler (closing the race
+with a parent that died first), and watches the parent's pid from a thread as the portable fallback.
+A worker's SIGTERM handler exits at once (a job's atomic writers remove their temporaries; a
+distributed job's worker stops torchrun, which the same death signal also covers). The parent sent
+SIGTERM (:class:`snsm.bench.Terminated`, raised by the command line's handler) forwards it to its
+workers and waits for them before it exits. So a ``--resume`` started right after a killed run never
+races the old run's workers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,9 +73,70 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
               "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def worker_main(job: dict, q=None) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOP_GRACE_S = 45.0  # how long a stopped worker may take (a distributed one waits up to 30 s for torchrun)
+
+
+def _prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent (the thread that started
+    it) dies. Returns whether it was set (False elsewhere)."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def parent_death_preexec(sig: int):
+    """A ``subprocess.Popen(preexec_fn=...)`` that sets the child's parent-death signal to ``sig``
+    (Linux; None elsewhere). The C function is looked up here, before the fork."""
+    prctl, sig = _prctl(), int(sig)
+    if prctl is None:
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def exit_with_parent(parent: int, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S, poll: float = 0.5) -> None:
+    """End this process when process ``parent`` (its parent now) dies, even by SIGKILL: the kernel's
+    death signal ``sig`` where there is one (Linux), and everywhere a daemon thread that polls
+    ``os.getppid()`` (a dead parent's children are re-parented) and then sends ``sig`` to this
+    process, and ends it ``grace`` seconds later if it is still there. A parent that died before the
+    death signal was set is caught by the thread's first check."""
+    set_parent_death_signal(sig)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        log.warning("parent process %d is gone; stopping", parent)
+        with contextlib.suppress(OSError):
+            os.kill(os.getpid(), sig)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="snsm-bench-parent-watch", daemon=True).start()
+
+
+def worker_main(job: dict, q=None, parent: int | None = None) -> None:
     """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early);
-    a distributed job (``nproc`` > 1) runs under torchrun (:func:`run_distributed`)."""
+    a distributed job (``nproc`` > 1) runs under torchrun (:func:`run_distributed`).
+
+    ``parent``: the scheduler's pid; the worker ends when that process does (:func:`exit_with_parent`).
+    SIGTERM ends the worker at once through ``SystemExit(143)``, so that its writers clean up."""
+    def on_sigterm(*_):
+        if q is not None:
+            q.cancel_join_thread()  # a parent that no longer reads the queue must not hold up the exit
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if parent is not None:
+        exit_with_parent(parent)
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     progress = Progress(q, job["name"])
@@ -77,7 +148,26 @@ def worker_main(job: dict, q=None) -> None:
             status = run_job(job, progress)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
         return
+    except Exception as e:  # run_job records its own failures: this is its result not written (a full disk)
+        first = str(e).splitlines()[0] if str(e) else ""
+        progress.send("done", "failed", f"failed: {type(e).__name__}: {first}")
+        sys.exit(1)
     progress.send("done", status)
+
+
+def stop_workers(procs: list, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM the worker processes ``procs``, wait up to ``grace`` seconds for them, then SIGKILL the rest."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            log.warning("%s did not stop within %.0f s; killing it", p.name, grace)
+            p.kill()
+            p.join()
 
 
 def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:
@@ -107,16 +197,24 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
     q = ctx.Queue()
     bars = Bars([j["name"] for j in pending], {j["name"]: j["steps"] for j in pending}, show_progress)
     running: dict[str, tuple[Any, dict]] = {}
+    reasons: dict[str, str] = {}  # why a worker that could not write its result.json failed
+
+    def handle(msg) -> None:
+        if msg[0] == "done" and len(msg) > 3:
+            reasons[msg[1]] = msg[3]
+        bars.handle(msg)
+
     try:
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                p = ctx.Process(target=worker_main, args=(job, q), name=f"snsm-bench-{job['name']}")
+                p = ctx.Process(target=worker_main, args=(job, q, os.getpid()), name=f"snsm-bench-{job['name']}")
                 p.start()
                 running[job["name"]] = (p, job)
             try:
+                handle(q.get(timeout=0.2))
                 while True:
-                    bars.handle(q.get(timeout=0.2))
+                    handle(q.get_nowait())
             except queue_mod.Empty:
                 pass
             for name, (p, job) in list(running.items()):
@@ -124,6 +222,9 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
                     continue
                 p.join()
                 del running[name]
+                with contextlib.suppress(queue_mod.Empty):  # its last messages, sent before it exited
+                    while True:
+                        handle(q.get_nowait())
                 rpath = Path(job["dir"]) / "result.json"
                 if rpath.exists():
                     results[name] = json.loads(rpath.read_text())
@@ -132,13 +233,10 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
                 else:
                     results[name] = {"name": name, "optimizer": job["optimizer"], "lr": job["lr"],
                                      "status": "failed", "skipped": True,
-                                     "reason": f"worker exited with code {p.exitcode}"}
+                                     "reason": reasons.get(name, f"worker exited with code {p.exitcode}")}
                 bars.finish(name)
-    except BaseException:
-        for p, _ in running.values():
-            p.terminate()
-        for p, _ in running.values():
-            p.join(5)
+    except BaseException:  # Ctrl-C, SIGTERM (snsm.bench.Terminated), an error: no worker outlives this
+        stop_workers([p for p, _ in running.values()])
         raise
     finally:
         bars.close()
@@ -168,11 +266,12 @@ def run_distributed(job: dict, progress) -> str:
     rpath = jobdir / "result.json"
     rpath.unlink(missing_ok=True)  # a stale (failed) result of an earlier run must not stand for this one
     logfile = jobdir / "torchrun.log"
-    # SIGTERM (the scheduler giving up) must take torchrun and its ranks down with this process
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (the scheduler giving up, or its death) ends this process through SystemExit (worker_main's
+    # handler), and the finally below takes torchrun and its ranks down; torchrun also gets SIGTERM
+    # from the kernel should this process die without running it (Linux)
     with open(logfile, "a" if job.get("resume") else "w") as err:
         proc = subprocess.Popen(torchrun_command(job["nproc"], job_file), stdout=subprocess.PIPE, stderr=err,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, preexec_fn=parent_death_preexec(signal.SIGTERM))
         try:
             for line in proc.stdout:
                 msg = parse_line(line)
@@ -259,26 +358,15 @@ class Group:
         dist.destroy_process_group()
 
 
-def _exit_with_parent() -> None:
-    """End this rank if torchrun dies (killed with SIGKILL it cannot take its ranks along: torchrun
-    starts each in its own session, so a signal to the benchmark's process group misses them)."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="snsm-bench-parent-watch", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of one rank under torchrun: ``python -m snsm.bench.launch JOB_JSON``."""
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
-    _exit_with_parent()
+    # end this rank if torchrun dies (killed with SIGKILL it cannot take its ranks along: torchrun starts
+    # each in its own session, so a signal to the benchmark's process group misses them)
+    exit_with_parent(os.getppid(), signal.SIGKILL)
     group = Group(job["parallel"], job["device"])
     log_to_file(job, "worker.log" if group.rank == 0 else f"worker-rank{group.rank}.log")
     progress = StdoutProgress() if group.rank == 0 else Progress(None, job["name"])

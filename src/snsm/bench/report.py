@@ -39,7 +39,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import BenchError
+from .fileio import writing
 
 log = logging.getLogger(__name__)
 
@@ -225,28 +226,34 @@ def cached_encode(tok, texts: Iterable[str], eos: int, cache_dir: Path, key: str
     path = Path(cache_dir) / f"tokens-{h.hexdigest()[:16]}.npy"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_name(f"{path.stem}.tmp{os.getpid()}.bin")
-    dtype, n = _token_dtype(tok), 0
-    with raw.open("wb") as f:
-        for ids in _encoded_chunks(tok, texts, eos):
-            if max_tokens is not None:
-                ids = ids[:max_tokens - n]
-            f.write(ids.tobytes())
-            n += len(ids)
-            if max_tokens is not None and n >= max_tokens:
-                break
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
-    if n:
-        src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
-        for i in range(0, n, 1 << 26):
-            out[i:i + (1 << 26)] = src[i:i + (1 << 26)]
-        del src
-    out.flush()
-    del out
-    raw.unlink()
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dtype, n = _token_dtype(tok), 0
+            with raw.open("wb") as f:
+                for ids in _encoded_chunks(tok, texts, eos):
+                    if max_tokens is not None:
+                        ids = ids[:max_tokens - n]
+                    f.write(ids.tobytes())
+                    n += len(ids)
+                    if max_tokens is not None and n >= max_tokens:
+                        break
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
+            if n:
+                src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
+                for i in range(0, n, 1 << 26):
+                    out[i:i + (1 << 26)] = src[i:i + (1 << 26)]
+                del src
+            out.flush()
+            del out
+            raw.unlink()
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: no partial files left in the cache
+            raw.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

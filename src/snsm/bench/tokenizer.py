@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .fileio import writing
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -63,10 +65,15 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path, max_
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     tok.add_special_tokens([EOS])
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(str(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return tok
 
 
@@ -79,4 +86,5 @@ def save_pretrained(tok, out_dir: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None)
-    fast.save_pretrained(str(out_dir))
+    with writing(out_dir):
+        fast.save_pretrained(str(out_dir))
