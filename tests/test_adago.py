@@ -176,7 +176,9 @@ def test_vector_in_a_matrix_group_is_rejected():
     (dict(ns_dtype="float16"), ValueError, "ns_dtype.*None, float32, bfloat16"),
     (dict(adjust_lr_fn="sqrt"), ValueError, "adjust_lr_fn"),
     (dict(adamw_betas=(0.9, 1.5)), ValueError, r"adamw_betas\[1\]"),
-    (dict(rank=4), ValueError, "rank"),
+    (dict(rank=0), ValueError, "rank"),
+    (dict(proj_gap=0), ValueError, "proj_gap"),
+    (dict(refresh="keep"), ValueError, "refresh"),
     (dict(subset_size=16), ValueError, "subset_size"),
     (dict(nesterov="yes"), TypeError, "nesterov"),
     (dict(lr="fast"), TypeError, "lr"),
@@ -264,3 +266,46 @@ def test_resume_is_bit_exact(dtype):
             assert oa.state[p][k].dtype == ob.state[q][k].dtype and torch.equal(oa.state[p][k], ob.state[q][k])
     w = next(p for p in oa.state if "v_sq" in oa.state[p])
     assert oa.state[w]["v_sq"].dtype == torch.float32 and oa.state[w]["exp_avg"].dtype == torch.float32
+
+
+def test_subspace_momentum_orthogonalizes_the_subspace_numerator():
+    """rank=r: N = back(M) + G - back(R) goes into Newton-Schulz, with R = G Q (Q the top-r right
+    singular vectors of the gradient at the refresh), M the EMA of R; transcribed for 4 steps with
+    refreshes at steps 1, 2 and 4 (the first step, then every proj_gap; M transported into the new basis)."""
+    from snsm import subspace as sm
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 6, dtype=torch.float64))
+    opt = snsm.AdaGO([w], rank=2, proj_gap=2, ns_dtype="float32", lr=0.1, momentum=0.9)
+    grads = [torch.randn(12, 6, dtype=torch.float64) for _ in range(4)]
+    x, m, q, v_sq = w.detach().clone(), torch.zeros(12, 2, dtype=torch.float64), None, 1e-2**2
+    for t, g in enumerate(grads, start=1):
+        if t == 1 or t % 2 == 0:
+            new = sm.build_projector("svd", g, 2)
+            m = sm.transport(m, q, new, 12) if q is not None else torch.zeros_like(m)
+            q = new
+        r = g @ q.to(g.dtype)
+        m = 0.9 * m + 0.1 * r
+        n = g + (m - r) @ q.to(g.dtype).T
+        o = newton_schulz(n, dtype=torch.float32).to(torch.float64)
+        v_sq += min(float(g.square().sum()), 10.0**2)
+        alpha = max(1e-6, 0.1 * min(float(g.norm()), 10.0) / v_sq**0.5)
+        x = x - alpha * o
+        w.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(w.detach(), x, rtol=1e-5, atol=1e-6)
+    state = opt.state[w]
+    assert state["exp_avg"].shape == (12, 2) and state["proj"].shape == (6, 2) and int(state["proj_step"]) == 4
+
+
+def test_a_rank_at_least_the_matrix_rank_is_full_momentum():
+    runs = []
+    for rank in (None, 6):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(12, 6))
+        opt = snsm.AdaGO([w], rank=rank)
+        for _ in range(3):
+            w.grad = torch.randn(12, 6)
+            opt.step()
+        runs.append((w.detach().clone(), opt.state[w]["exp_avg"].shape))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == (12, 6)

@@ -42,13 +42,14 @@ INFOS = (
     + _info(snsm.SGDSM, svd=SM, uniform=dict(SM, proj="uniform"), full=dict(rank=None))
     + _info(snsm.AdaGradNorm, default={}, momentum=dict(momentum=0.9), reference=dict(fused=False, foreach=False))
     + _info(snsm.RMSpropNorm, default={})
-    + _info(snsm.AdaGO, default={}, nesterov=dict(nesterov=True), decay=dict(weight_decay=0.1))
+    + _info(snsm.AdaGO, default={}, nesterov=dict(nesterov=True), decay=dict(weight_decay=0.1),
+            subspace=dict(rank=2, proj_gap=2), subspace_nesterov=dict(rank=2, proj_gap=2, nesterov=True))
 )
 IDS = [f"{cls.__name__}-{label}" for cls, label, _ in INFOS]
 every = pytest.mark.parametrize("cls, label, options", INFOS, ids=IDS)
 
 #: the options AdaGO's groups do not take (it routes by subset_size and has no paths to choose)
-_NOT_ADAGO = ("rank", "proj", "proj_gap", "refresh", "fused", "foreach")
+_NOT_ADAGO = ("proj", "fused", "foreach")
 
 
 def model(dtype=torch.float32, device="cpu"):

@@ -86,6 +86,7 @@ import torch
 from . import paths
 from ._base import StrictOptimizer
 from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, compute_dtype, scalar_lr, state_dtype
+from . import subspace as sm
 from ._dtensor import gather_rows, is_dtensor, local, row_sharding, state_tensor
 from .subset_norm import subset_layout
 
@@ -205,6 +206,12 @@ class AdaGO(StrictOptimizer):
             step; the accumulator is then not updated).
         adjust_lr_fn: ``None`` (paper), ``"original"`` or ``"match_rms_adamw"``
             (torch.optim.Muon's shape factors).
+        rank: ``None`` (full momentum) or ``r``: each orthogonalized matrix keeps its momentum in a
+            rank-r subspace (Subspace-Momentum: ``N = back(M) + G - back(R)``, ``R`` the
+            gradient's projection, ``M`` its EMA) and Newton-Schulz orthogonalizes ``N``; the
+            basis is the gradient's top-r singular subspace, recomputed every ``proj_gap`` steps,
+            the momentum carried across by ``refresh`` (``"transport"``, ``"reset"``,
+            ``"reference"``). State per matrix: ``max(m, n) r`` instead of ``m n``.
         adamw_lr: ``lr`` of ``subset_size=None`` groups that do not set one.
         adamw_betas, adamw_eps: AdamW's for those groups.
         maximize: ascend instead of descend (torch's convention: the gradient is negated).
@@ -212,6 +219,8 @@ class AdaGO(StrictOptimizer):
             bf16/fp16 parameters, else the parameter's dtype). ``v_sq`` is
             always float32.
     """
+
+    CPU_STATE = ("step", "proj_step")
 
     def __init__(
         self,
@@ -234,6 +243,8 @@ class AdaGO(StrictOptimizer):
         adamw_eps: float = 1e-8,
         subset_size: Optional[str] = "auto",
         rank: Optional[int] = None,
+        proj_gap: int = 200,
+        refresh: str = "transport",
         state_dtype: Optional[str] = None,
         maximize: bool = False,
     ):
@@ -243,7 +254,8 @@ class AdaGO(StrictOptimizer):
                 ns_coefficients, (list, tuple)) else ns_coefficients,
             ns_dtype=ns_dtype, adaptive=adaptive, adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr,
             adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, (list, tuple)) else adamw_betas,
-            adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, state_dtype=state_dtype, maximize=maximize,
+            adamw_eps=adamw_eps, subset_size=subset_size, rank=rank, proj_gap=proj_gap, refresh=refresh,
+            state_dtype=state_dtype, maximize=maximize,
         )
         _number("adamw_lr", adamw_lr, 0.0)
         super().__init__(params, defaults)
@@ -269,6 +281,9 @@ class AdaGO(StrictOptimizer):
 
     def check_param(self, p: torch.Tensor, group: dict) -> None:
         super().check_param(p, group)
+        if is_dtensor(p) and group.get("rank", self.defaults["rank"]) is not None and self._orthogonal(group):
+            raise ValueError("AdaGO with rank (subspace momentum) does not take row-sharded (FSDP2) parameters "
+                             "yet; use rank=None under FSDP2")
         if self._orthogonal(group) and p.ndim < 2:
             raise ValueError(
                 f"AdaGO orthogonalizes matrices, but a parameter of shape {tuple(p.shape)} is in a group "
@@ -289,8 +304,14 @@ class AdaGO(StrictOptimizer):
                 f"Invalid subset_size: {size!r}: in AdaGO it routes a group (allowed: 'auto' = orthogonalized "
                 "matrices, None = AdamW)"
             )
-        if group["rank"] is not None:
-            raise ValueError(f"Invalid rank: {group['rank']!r}: AdaGO has no subspace variant (allowed: None)")
+        rank = group["rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"Invalid rank: {rank!r} (allowed: None for full momentum, or an int >= 1)")
+        gap = group["proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"Invalid proj_gap: {gap!r} (allowed: an int >= 1)")
+        if group["refresh"] not in sm.REFRESH_POLICIES:
+            raise ValueError(f"Invalid refresh: {group['refresh']!r} (allowed: {', '.join(sm.REFRESH_POLICIES)})")
         if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
         betas = group["adamw_betas"]
@@ -323,9 +344,26 @@ class AdaGO(StrictOptimizer):
             )
 
     # ---------------------------------------------------------------- state
+    def _subspace(self, p: torch.Tensor, group: dict) -> Optional[sm.Subspace]:
+        """The rank-r momentum subspace of an orthogonalized matrix (``rank`` set and below
+        ``min(m, n)``), or ``None``: full momentum. Refreshed by ``svd`` of the gradient every
+        ``proj_gap`` steps (synchronized), the momentum carried by ``refresh``."""
+        rank = group["rank"]
+        if rank is None or not self._orthogonal(group) or p.ndim < 2:
+            return None
+        shape = (p.shape[0], p.numel() // p.shape[0])
+        if rank >= min(shape):
+            return None
+        return sm.Subspace(shape, rank, "svd", group["proj_gap"], group["refresh"])
+
     def state_spec(self, p: torch.Tensor, group: dict) -> dict:
         dtype = state_dtype(p, group["state_dtype"])
         spec = {"exp_avg": (tuple(p.shape), dtype)}
+        sub = self._subspace(p, group)
+        if sub is not None:
+            m, n = sub.shape
+            spec["exp_avg"] = (sm.momentum_shape(m, n, sub.rank, sub.proj), dtype)
+            spec["proj"] = (sm.projector_shape(m, n, sub.rank, sub.proj), torch.float32)
         if self._orthogonal(group):
             spec["v_sq"] = ((), torch.float32)
         else:
@@ -343,6 +381,11 @@ class AdaGO(StrictOptimizer):
                 state[key] = torch.zeros(shape, dtype=dtype, device=local(p).device)
         if "v_sq" in state:
             state["v_sq"].fill_(float(group["v0"]) ** 2)
+        if "proj" in state:
+            state["proj_step"] = torch.tensor(0, dtype=torch.int64)
+
+    def counters(self, p: torch.Tensor, group: dict) -> tuple:
+        return ("step", "proj_step") if self._subspace(p, group) is not None else ("step",)
 
     # ---------------------------------------------------------------- step
     def prepare_step(self):
@@ -448,9 +491,21 @@ class AdaGO(StrictOptimizer):
         buf = local(state["exp_avg"])
         work = buf if buf.dtype == compute else buf.to(compute)
         mu = float(group["momentum"])
+        rows = g.shape[0] if g.ndim else 1
+        sub = self._subspace(p, group)
+        if sub is not None:  # the momentum in the subspace; its complement takes the gradient as it is
+            a = sm.tall(g.reshape(sub.shape), sub.is_tall)
+            mom = sm.tall(work, sub.is_tall)
+            replaced = sm.refresh_projector(state, g.reshape(sub.shape), mom, sub, int(state["step"]), self.warn_once)
+            r = sm.project(a, state["proj"])
+            mom.lerp_(r, 1.0 - mu)
+            kept = r.lerp(mom, mu) if group["nesterov"] else mom
+            update = sm.tall(sm.numerator(a, kept, r, state["proj"]), sub.is_tall)
+            if replaced and sub.refresh == "reference":
+                mom.zero_()
+            return g, work, update.reshape(rows, g.numel() // rows), buf
         work.lerp_(g, 1.0 - mu)
         update = g.lerp(work, mu) if group["nesterov"] else work
-        rows = g.shape[0] if g.ndim else 1
         return g, work, update.reshape(rows, g.numel() // rows if rows else 0), buf
 
     def _orthogonal_step(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
