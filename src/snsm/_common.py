@@ -35,6 +35,7 @@ __all__ = [
     "caller_stacklevel",
     "check_beta",
     "check_range",
+    "check_state_dtype",
     "compute_dtype",
     "scalar_lr",
     "state_dtype",
@@ -93,6 +94,12 @@ def check_range(name: str, value, low: float, high: float = math.inf, high_open:
     if not ok or value != value:  # NaN (math.isnan would not trace under torch.compile)
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"Invalid {name}: {value} (allowed range {bound})")
+
+
+def check_state_dtype(name) -> None:
+    """Raise a ``ValueError`` unless ``name`` is ``None`` or a key of :data:`STATE_DTYPES`."""
+    if name is not None and name not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {name!r} (allowed: None, {', '.join(STATE_DTYPES)})")
 
 
 def check_beta(name: str, value, allow_one: bool = False) -> float:

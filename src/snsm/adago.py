@@ -85,7 +85,7 @@ import torch
 
 from . import paths
 from ._base import StrictOptimizer
-from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_beta, compute_dtype, scalar_lr, state_dtype
+from ._common import LOW_PRECISION, StepOptions, check_beta, check_state_dtype, compute_dtype, scalar_lr, state_dtype
 from . import subspace as sm
 from ._dtensor import gather_rows, is_dtensor, local, row_sharding, state_tensor
 from .subset_norm import subset_layout
@@ -304,16 +304,8 @@ class AdaGO(StrictOptimizer):
                 f"Invalid subset_size: {size!r}: in AdaGO it routes a group (allowed: 'auto' = orthogonalized "
                 "matrices, None = AdamW)"
             )
-        rank = group["rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"Invalid rank: {rank!r} (allowed: None for full momentum, or an int >= 1)")
-        gap = group["proj_gap"]
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-            raise ValueError(f"Invalid proj_gap: {gap!r} (allowed: an int >= 1)")
-        if group["refresh"] not in sm.REFRESH_POLICIES:
-            raise ValueError(f"Invalid refresh: {group['refresh']!r} (allowed: {', '.join(sm.REFRESH_POLICIES)})")
-        if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
+        sm.validate_options(group["rank"], group["proj_gap"], group["refresh"])
+        check_state_dtype(group["state_dtype"])
         betas = group["adamw_betas"]
         if not isinstance(betas, tuple) or len(betas) != 2:
             raise ValueError(f"Invalid adamw_betas: {betas!r} (expected a pair (beta1, beta2))")

@@ -41,7 +41,7 @@ import torch
 from . import paths
 from . import subspace as sm
 from ._base import StrictOptimizer
-from ._common import LOW_PRECISION, STATE_DTYPES, StepOptions, check_range, state_dtype
+from ._common import LOW_PRECISION, StepOptions, check_range, check_state_dtype, state_dtype
 from ._dtensor import is_dtensor, rows_local, state_tensor
 from .subset_norm import SubsetLayout, subset_layout, validate_subset_size
 
@@ -124,15 +124,7 @@ class SubsetNormOptimizer(StrictOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         validate_subset_size(group["subset_size"])
         rank = group["rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"Invalid rank: {rank!r} (allowed: None for full momentum, or an int >= 1)")
-        if group["proj"] not in sm.PROJECTIONS:
-            raise ValueError(f"Invalid proj: {group['proj']!r} (allowed: {', '.join(sm.PROJECTIONS)})")
-        gap = group["proj_gap"]
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-            raise ValueError(f"Invalid proj_gap: {gap!r} (allowed: an int >= 1)")
-        if group["refresh"] not in sm.REFRESH_POLICIES:
-            raise ValueError(f"Invalid refresh: {group['refresh']!r} (allowed: {', '.join(sm.REFRESH_POLICIES)})")
+        sm.validate_options(rank, group["proj_gap"], group["refresh"], group["proj"])
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise TypeError(f"Invalid seed: {group['seed']!r} (expected an int)")
         if group["stagger"] not in (None, True, False):
@@ -145,8 +137,7 @@ class SubsetNormOptimizer(StrictOptimizer):
             raise ValueError(f"Invalid foreach: {group['foreach']!r} (allowed: None for the fastest path, True, False)")
         if group["fused"] and group["foreach"]:
             raise ValueError("Invalid fused=True with foreach=True: pick one path (as torch.optim)")
-        if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (allowed: None, {', '.join(STATE_DTYPES)})")
+        check_state_dtype(group["state_dtype"])
         rules = self.rules(group)
         if rank is not None and not (rules.subspace and rules.beta1 > 0):
             raise ValueError(

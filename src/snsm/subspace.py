@@ -64,6 +64,7 @@ from ._kernels import cpu_kernel
 
 __all__ = [
     "Subspace",
+    "validate_options",
     "refresh_due",
     "refresh_projector",
     "refresh_projector_traced",
@@ -119,6 +120,19 @@ class Subspace(NamedTuple):
     @property
     def is_tall(self) -> bool:
         return self.shape[0] >= self.shape[1]
+
+
+def validate_options(rank, proj_gap, refresh, proj: Optional[str] = None) -> None:
+    """Raise a ``ValueError`` naming the option unless ``rank`` (``None`` or an int >= 1),
+    ``proj_gap`` (an int >= 1), ``refresh`` and ``proj`` (when given) are valid."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"Invalid rank: {rank!r} (allowed: None for full momentum, or an int >= 1)")
+    if proj is not None and proj not in PROJECTIONS:
+        raise ValueError(f"Invalid proj: {proj!r} (allowed: {', '.join(PROJECTIONS)})")
+    if isinstance(proj_gap, bool) or not isinstance(proj_gap, int) or proj_gap < 1:
+        raise ValueError(f"Invalid proj_gap: {proj_gap!r} (allowed: an int >= 1)")
+    if refresh not in REFRESH_POLICIES:
+        raise ValueError(f"Invalid refresh: {refresh!r} (allowed: {', '.join(REFRESH_POLICIES)})")
 
 
 def tall(x: torch.Tensor, is_tall: bool) -> torch.Tensor:
