@@ -39,6 +39,7 @@ ORDER = [
     "snsm.variants",
     "snsm.norm",
     "snsm.adago",
+    "snsm.loft",
     "snsm.metastorm",
     "snsm.grouping",
     "snsm.batch_size",

@@ -10,6 +10,7 @@ import logging
 from .adago import AdaGO
 from .batch_size import AdaptiveBatchSize
 from .grouping import param_groups
+from .loft import LoFTAdamW
 from .metastorm import MetaSTORM
 from .norm import AdaGradNorm, RMSpropNorm
 from .optimizer import Rules, SubsetNormOptimizer
@@ -25,6 +26,7 @@ __all__ = [
     "AdaGradNorm",
     "RMSpropNorm",
     "AdaGO",
+    "LoFTAdamW",
     "MetaSTORM",
     "AdaptiveBatchSize",
     "SubsetNormOptimizer",
