@@ -225,18 +225,29 @@ def test_mixin_takes_lr_and_weight_decay_from_the_arguments_unless_given(tmp_pat
     assert {g["lr"] for g in t.create_optimizer().param_groups} == {1e-3}
 
 
+def test_snsm_trainer_is_the_mixin_on_trainer(tmp_path):
+    from snsm.integrations.transformers import SNSMTrainer
+
+    assert issubclass(SNSMTrainer, SNSMTrainerMixin) and issubclass(SNSMTrainer, Trainer)
+    t = SNSMTrainer(model=llama(), args=arguments(tmp_path), snsm_optimizer="sgd-sm", snsm_options={"rank": 4})
+    assert isinstance(t.create_optimizer(), snsm.SGDSM)
+    with pytest.raises(ValueError, match="snsm_optimizer"):
+        SNSMTrainer(model=llama(), args=arguments(tmp_path),
+                    optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("adamw-sn"))
+
+
 # ---------------------------------------------------------------- steps inside backward
 
 @pytest.mark.parametrize("ga", [1, 2])
 def test_in_backward_follows_the_ordinary_trajectory(tmp_path, ga):
     plain_cb, inb_cb = Pending(), Pending()
-    plain, _ = fit(tmp_path / "p", kind="mixin", gradient_accumulation_steps=ga, max_grad_norm=0,
+    plain, _ = fit(tmp_path / "p", kind="mixin", gradient_accumulation_steps=ga, max_grad_norm=0, steps=4,
                    callbacks=[plain_cb])
-    inb, trainer = fit(tmp_path / "i", kind="mixin", gradient_accumulation_steps=ga, max_grad_norm=0,
+    inb, trainer = fit(tmp_path / "i", kind="mixin", gradient_accumulation_steps=ga, max_grad_norm=0, steps=4,
                        options={"lr": 1e-2, "rank": 4, "proj_gap": 2, "in_backward": True}, callbacks=[inb_cb])
     n = len(list(snsm_of(trainer).parameters()))
-    assert plain_cb.counts == [n] * 6  # ordinary: every parameter waits for opt.step()
-    assert inb_cb.counts == [0] * 6  # in backward: all stepped before Trainer calls opt.step()
+    assert plain_cb.counts == [n] * 4  # ordinary: every parameter waits for opt.step()
+    assert inb_cb.counts == [0] * 4  # in backward: all stepped before Trainer calls opt.step()
     assert all(p.grad is None for p in inb.parameters())  # freed
     assert max_diff(plain, inb) == 0.0 and max_diff(plain, llama()) > 1e-3
 

@@ -5,7 +5,7 @@ steps and steps inside backward (with and without gradient accumulation), and wr
 checks to ``--out`` (rank 0): the largest weight difference between the two modes, whether the
 ranks hold the same weights, and the wrapper Trainer put around the model.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer_worker.py --out result.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer_worker.py [--out result.json]
 """
 import argparse
 import json
@@ -48,19 +48,16 @@ class Pending(TrainerCallback):
         return control
 
 
-def train(out_dir, in_backward, ga, steps, fsdp):
+def train(out_dir, in_backward, ga, steps):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 64, (64, 8), generator=g)]
-    extra = {}
-    if fsdp:
-        extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     args = TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=2,
                              gradient_accumulation_steps=ga, learning_rate=1e-2, max_grad_norm=0, report_to=[],
                              use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True,
                              logging_steps=1000, dataloader_num_workers=0,
-                             ddp_find_unused_parameters=False, **extra)
+                             ddp_find_unused_parameters=False)
     options = {"lr": 1e-2, "rank": 4, "proj_gap": 2}
     if in_backward:
         options["in_backward"] = True
@@ -76,15 +73,14 @@ def train(out_dir, in_backward, ga, steps, fsdp):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="write the result here as JSON (default: print it)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--fsdp", action="store_true")
     a = ap.parse_args()
     result = {}
     with tempfile.TemporaryDirectory() as d:
         for ga in (1, 2):
-            plain, wrapped, pending_plain = train(d, False, ga, a.steps, a.fsdp)
-            inb, _, pending_inb = train(d, True, ga, a.steps, a.fsdp)
+            plain, wrapped, pending_plain = train(d, False, ga, a.steps)
+            inb, _, pending_inb = train(d, True, ga, a.steps)
             diff = max((p - q).abs().max().item() for p, q in zip(plain, inb))
             flat = torch.cat([p.flatten() for p in inb])
             gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
@@ -94,8 +90,11 @@ def main():
                                  "pending_plain": pending_plain, "pending_in_backward": pending_inb,
                                  "moved": (flat - torch.cat([p.flatten() for p in _initial()])).abs().max().item()}
     if dist.get_rank() == 0:
-        with open(a.out, "w") as f:
-            json.dump(result, f)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f)
+        else:
+            print(json.dumps(result, indent=1))
 
 
 def _initial():

@@ -18,7 +18,8 @@ Options (keyword arguments of :func:`build_optimizer`):
   ``refresh``, ``stagger``, ``seed``;
 * ``embeddings`` (embeddings under SN/SM too, see :func:`snsm.param_groups`),
   ``lora_subset_size`` (the LoRA factors' ``subset_size``), ``aux_lr`` (the
-  learning rate of the coordinate-wise groups; default: ``lr``).
+  learning rate of the coordinate-wise groups: embeddings, norms, biases, and
+  LoRA factors with ``lora_subset_size=None``; default: ``lr``).
 
 ``weight_decay`` applies to the matrices (linear weights, LoRA factors,
 embeddings) and not to vectors (biases, norm scales), as
