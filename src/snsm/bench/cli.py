@@ -12,6 +12,8 @@ Examples::
     python -m snsm.bench --preset family                # AdaGrad-Norm, AdaGO, Muon, adaptive batches
     python -m snsm.bench --optimizers adagrad-sn --batch-schedule adaptive --max-batch-size 32
     python -m snsm.bench --preset smoke --nproc 2 --parallel fsdp   # each job as 2 torchrun processes
+    python -m snsm.bench --preset smoke --in-backward --clip previous  # every step inside backward
+    python -m snsm.bench --optimizers adamw-snsm,adamw-sn --clip none --time-in-backward 40  # its time cost
 
 Bad input, and an output directory that cannot be written (a file, no permission, a full disk:
 ``cannot write to PATH: REASON``), exit with a one-line error (status 2) and no traceback. A job
@@ -110,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cap on the adaptive batch, sequences (default {MAX_BATCH_FACTOR} x --batch-size)")
     b.add_argument("--batch-eta", type=float,
                    help=f"the norm test's eta: smaller grows the batch sooner (default {DEFAULT_BATCH_ETA})")
+    from .train import CLIP_MODES
+    s = p.add_argument_group("clipping and steps inside backward (snsm.in_backward)")
+    s.add_argument("--clip", choices=CLIP_MODES,
+                   help="global: clip_grad_norm_ to --max-norm before opt.step() (the paper's recipe, the default "
+                        "with ordinary steps); tensor: each gradient to norm --max-norm on its own; previous: every "
+                        "gradient scaled by the previous step's global clip factor (the first step unclipped); "
+                        "none: no clipping. --in-backward needs tensor, previous or none")
+    s.add_argument("--max-norm", type=float, help="the clip's max norm (default: the preset's, 1.0)")
+    s.add_argument("--in-backward", action="store_true",
+                   help="every parameter steps inside backward as soon as its gradient is final, and frees it "
+                        "(snsm optimizers: opt.step_in_backward; adamw: one fused AdamW per parameter in "
+                        "post-accumulate-grad hooks); optimizers that cannot are reported as skipped")
+    s.add_argument("--time-in-backward", type=int, metavar="STEPS",
+                   help="instead of the benchmark: time STEPS training steps of each optimizer with ordinary steps "
+                        "and inside backward, alternating in one process (same data, same --clip, which must not "
+                        "be global); prints ms per step and the ratio, writes timing.json")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop every job after N steps of this invocation, leaving a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -130,6 +148,8 @@ def resolve_preset(args):
         if k != "model" and v < 1:
             raise BenchError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
     preset = dataclasses.replace(preset, **over)
+    if getattr(args, "max_norm", None) is not None:
+        preset = dataclasses.replace(preset, clip=args.max_norm)
     size = model_size(preset.model)
     if preset.rank is None:
         preset = dataclasses.replace(preset, rank=size.hidden // 4)
@@ -143,6 +163,36 @@ def resolve_preset(args):
     if preset.micro_batch and preset.batch_size % preset.micro_batch:
         raise BenchError(f"--batch-size {preset.batch_size} is not a multiple of --micro-batch {preset.micro_batch}")
     return preset
+
+
+def stepping_settings(args, preset, adaptive: bool) -> dict:
+    """``{"clip_mode", "in_backward"}`` from ``--clip`` / ``--in-backward`` (checked; ``--max-norm``
+    is the preset's ``clip``, see :func:`resolve_preset`)."""
+    import math
+    mode = args.clip or "global"
+    timing = args.time_in_backward is not None
+    if args.max_norm is not None and mode == "none":
+        raise BenchError("--max-norm has no effect with --clip none")
+    if timing and mode == "global":
+        raise BenchError("--time-in-backward runs both modes with the same clip, and a global-norm clip cannot run "
+                         "inside backward: add --clip tensor, --clip previous or --clip none")
+    if args.in_backward and mode == "global":
+        raise BenchError(f"--in-backward cannot clip by the global norm{'' if args.clip else ' (the default --clip)'}: "
+                         "every gradient would be needed before the first step; use --clip tensor, --clip previous "
+                         "or --clip none")
+    if (args.in_backward or timing) and adaptive:
+        raise BenchError("--in-backward: the adaptive batch size reads the gradients after every micro-batch, "
+                         "which steps inside backward free; drop the '+adaptive' entries / --batch-schedule adaptive")
+    if timing:
+        if args.time_in_backward < 1:
+            raise BenchError(f"--time-in-backward must be >= 1, got {args.time_in_backward}")
+        for flag, bad in (("--in-backward", args.in_backward), ("--sweep", args.sweep), ("--resume", args.resume),
+                          ("--nproc", args.nproc > 1), ("--stop-after", args.stop_after is not None)):
+            if bad:
+                raise BenchError(f"--time-in-backward runs alone: drop {flag}")
+    if not math.isfinite(preset.clip) or preset.clip <= 0:
+        raise BenchError(f"--max-norm must be > 0 and finite, got {preset.clip}")
+    return {"clip_mode": mode, "in_backward": bool(args.in_backward)}
 
 
 def _device(spec: str) -> str:
@@ -264,7 +314,7 @@ def _prepare_data(args, preset, cache_dir: Path, out: Path):
     return {"train": str(train_path), "val": str(val_path)}, facts
 
 
-def _run_config(args, preset, names, lrs, device, batch=None):
+def _run_config(args, preset, names, lrs, device, batch=None, stepping=None):
     config = {"preset": dataclasses.asdict(preset), "optimizers": names, "lr": lrs, "seed": args.seed,
               "device": device, "dataset": args.dataset, "data_files": args.data_files, "sweep": args.sweep,
               "sweep_factors": args.sweep_factors if args.sweep else None}
@@ -272,6 +322,8 @@ def _run_config(args, preset, names, lrs, device, batch=None):
         config["adaptive_batch"] = batch
     if args.nproc > 1:  # likewise only for distributed runs
         config["distributed"] = {"nproc": args.nproc, "parallel": args.parallel}
+    if stepping and (stepping["clip_mode"] != "global" or stepping["in_backward"]):  # likewise
+        config["stepping"] = stepping
     return config
 
 
@@ -312,6 +364,7 @@ def run(args) -> int:
     device = _device(args.device)
     lrs = _lrs(args, names, preset.lr_table)
     batch = adaptive_settings(args, preset, names)
+    stepping = stepping_settings(args, preset, batch is not None)
     _check_parallel(args, preset, names, device, batch is not None)
     nproc = args.nproc
     workers = args.workers or (1 if device.startswith("cuda") else max(1, _cpu_count() // nproc))
@@ -326,11 +379,13 @@ def run(args) -> int:
         if not factors or any(f <= 0 for f in factors):
             raise BenchError("--sweep-factors must be positive numbers")
 
-    out = Path(args.out or f"results/{preset.name}{'-sweep-lr' if args.sweep else ''}")
+    timing = args.time_in_backward is not None
+    suffix = "-sweep-lr" if args.sweep else ("-time-in-backward" if timing else "")
+    out = Path(args.out or f"results/{preset.name}{suffix}")
     ensure_writable_dir(out)
     sweep_temporaries(out)  # left by killed processes (this run's workers have not started yet)
     cache_dir = Path(args.cache_dir or os.environ.get("SNSM_BENCH_CACHE") or ".cache/snsm-bench")
-    config = _run_config(args, preset, names, lrs, device, batch)
+    config = _run_config(args, preset, names, lrs, device, batch, stepping)
     cfg_path = out / "config.json"
     if args.resume:
         if not cfg_path.exists():
@@ -357,7 +412,7 @@ def run(args) -> int:
         "clip": preset.clip, "rank": preset.rank, "proj_gap": preset.proj_gap, "seed": args.seed,
         "train_tokens": paths["train"], "val_tokens": paths["val"], "init_path": str(init_path),
         "device": device, "threads": 1 if workers > 1 or not device.startswith("cpu") else _cpu_count(),
-        "resume": args.resume, "stop_after": args.stop_after,
+        "resume": args.resume, "stop_after": args.stop_after, **stepping,
     }
     if device.startswith("cuda") or nproc > 1:
         base["threads"] = max(1, _cpu_count() // (workers * nproc))
@@ -378,6 +433,8 @@ def run(args) -> int:
             name = n if f is None else f"{n}@{lr:.3g}"
             jobs.append({**base, **extra, "name": name, "optimizer": n, "lr": lr,
                          "dir": str(out / ("sweep" if f is not None else "") / name)})
+    if timing:
+        return _time_in_backward(out, jobs, args.time_in_backward, base["threads"])
     log.info("running %d job(s) on %s, %d at a time%s: %s", len(jobs), device, workers,
              f", each as {nproc} {args.parallel} processes" if nproc > 1 else "", ", ".join(j["name"] for j in jobs))
     results = run_jobs(jobs, workers, show_progress=not args.no_progress and sys.stderr.isatty())
@@ -393,7 +450,8 @@ def run(args) -> int:
         "batch_size": preset.batch_size, "steps": preset.steps, "tokens": preset.train_tokens,
         "eval_every": preset.eval_every, "val_tokens": facts["val_tokens"], "rank": preset.rank,
         "proj_gap": preset.proj_gap, "warmup_frac": preset.warmup_frac, "min_lr_ratio": preset.min_lr_ratio,
-        "clip": preset.clip, "weight_decay": 0.0, "seed": args.seed, "device": device,
+        "clip": preset.clip, "clip_mode": stepping["clip_mode"], "in_backward": stepping["in_backward"],
+        "weight_decay": 0.0, "seed": args.seed, "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "threads_per_worker": base["threads"], "workers": workers, "torch_version": torch.__version__,
         "nproc": nproc, "parallel": args.parallel if nproc > 1 else None,
@@ -412,6 +470,37 @@ def run(args) -> int:
     table = "\n\n".join(part for part in (run_note(summary), format_table(summary)) if part)
     print(f"\n{table}\n\nwrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'loss.png'}")
     return code
+
+
+def _time_in_backward(out: Path, jobs: list[dict], steps: int, threads: int) -> int:
+    """``--time-in-backward``: :func:`snsm.bench.train.time_step_modes` for each job, in this process,
+    one after the other; prints the table and writes ``timing.json``."""
+    from .optimizers import PeerUnavailable
+    from .train import time_step_modes
+
+    rows, results = [], []
+    for job in jobs:
+        log.info("timing %s: %d steps per mode, alternating", job["name"], steps)
+        try:
+            r = time_step_modes({**job, "threads": threads}, steps)
+        except PeerUnavailable as e:
+            results.append({"optimizer": job["optimizer"], "skipped": True, "reason": str(e)})
+            rows.append(f"| {job['name']} | skipped: {e} | | | | | |")
+            continue
+        results.append(r)
+        w = r["wall_s"]
+        rows.append(f"| {job['name']} | {1e3 * w['ordinary']['median']:.1f} | {1e3 * w['in_backward']['median']:.1f} "
+                    f"| {r['wall_ratio']['median_of_rounds']:.3f} | {r['wall_ratio']['of_means']:.3f} "
+                    f"| {r['cpu_ratio']['median_of_rounds']:.3f} | {r['max_param_diff']:.3g} |")
+    clip = jobs[0]["clip_mode"] if jobs else "-"
+    head = ("| optimizer | ordinary ms/step (median wall) | in backward ms/step (median wall) | in backward / ordinary "
+            "(median of rounds, wall) | (of means, wall) | (median of rounds, CPU) | max param diff |")
+    table = "\n".join([head, "|" + "---|" * 7, *rows])
+    command = "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    atomic_write_text(out / "timing.json", json.dumps({"command": command, "clip_mode": clip, "steps": steps,
+                                                       "results": results}, indent=1))
+    print(f"\n{table}\n\n{steps} timed steps per mode, clip {clip}, {threads} thread(s); wrote {out / 'timing.json'}")
+    return 0
 
 
 def report_failures(results: list[dict]) -> int:

@@ -21,6 +21,12 @@ Definitions (per optimizer):
   optimizer step over the same steps (an adaptive-batch entry too: the
   optimizer's cost does not depend on the batch); ``optimizer_step_wall_s``
   is its wall time.
+* ``clip_mode``, ``in_backward`` (top level and per entry; ``--clip``, ``--in-backward``): how the
+  steps were clipped and whether they ran inside backward (then ``optimizer_step_time_s`` is
+  ``null``: the step is not separable from backward);
+* ``grad_evals``, ``grad_evals_per_step``: gradient evaluations of the run (closure calls of an
+  optimizer stepping with ``opt.step(closure)``, 2 per step for ``snsm.MetaSTORM``; else 1 per
+  step), for comparisons at equal gradient evaluations;
 * distributed runs (``--nproc N --parallel ddp|fsdp``; ``nproc``, ``parallel``
   and ``backend`` at the top level): step time is rank 0's wall time,
   ``peak_bytes`` rank 0's, ``state_bytes`` what one rank holds (under FSDP
@@ -107,7 +113,23 @@ def _tokens(t):
 
 
 def run_note(summary: dict[str, Any]) -> str:
-    """One line saying how a distributed run was run ("" for a one-process run)."""
+    """Lines saying how a run was stepped (when not the recipe's ordinary steps with a global clip) and
+    how a distributed run was run ("" for neither)."""
+    return "\n\n".join(part for part in (_stepping_note(summary), _distributed_note(summary)) if part)
+
+
+def _stepping_note(summary: dict[str, Any]) -> str:
+    mode, inside = summary.get("clip_mode") or "global", summary.get("in_backward")
+    if mode == "global" and not inside:
+        return ""
+    clip = "no clipping" if mode == "none" else f"clip {mode!r} at {summary.get('clip')}"
+    if not inside:
+        return f"Ordinary steps, {clip}."
+    return (f"Every parameter stepped inside backward ({clip}): the optimizer's step cannot be timed apart from "
+            "backward (\"opt step\" is -); the train step includes it.")
+
+
+def _distributed_note(summary: dict[str, Any]) -> str:
     n = summary.get("nproc") or 1
     if n < 2:
         return ""
