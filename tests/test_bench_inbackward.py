@@ -133,8 +133,11 @@ def test_per_parameter_steps_under_accumulation_free_gradients():
 
 def test_resume_in_backward_and_ordinary_previous_is_exact(data, tmp_path, one_thread):
     """A job stopped after 3 steps and resumed ends where the uninterrupted one ends: in backward
-    (clip tensor) and with ordinary steps clipped by the previous step's factor (kept in the checkpoint)."""
-    for name, kw in (("tensor-ib", {"clip_mode": "tensor", "in_backward": True}), ("previous-ord", {"clip_mode": "previous"})):
+    (clip tensor, and clip previous with the handle's factor in the checkpoint) and with ordinary steps
+    clipped by the previous step's factor (kept in the checkpoint)."""
+    for name, kw in (("tensor-ib", {"clip_mode": "tensor", "in_backward": True}),
+                     ("previous-ib", {"clip_mode": "previous", "in_backward": True}),
+                     ("previous-ord", {"clip_mode": "previous"})):
         full = _run(data, tmp_path / "full", name, **kw)
         job = _job(data, tmp_path / "cut", name, ckpt_every=3, stop_after=3, **kw)
         assert run_job(job, _Quiet()) == "stopped"

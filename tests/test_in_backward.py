@@ -195,3 +195,38 @@ def test_bad_in_backward_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         opt.step_in_backward(**kwargs)
     opt.step_in_backward().remove()  # a refused registration left nothing behind
+
+
+def test_the_previous_clip_factor_resumes_through_the_handles_state():
+    """``clip="previous"``: the handle's state_dict carries the last factor across a checkpoint, so the
+    first step after a resume is clipped as in the uninterrupted run (and it matters: without it the
+    resumed run differs)."""
+    data = batches(6, 1)
+    max_norm = 0.05
+
+    def fresh():
+        net = model()
+        return net, snsm.AdamWSN(snsm.param_groups(net))
+
+    net_a, opt_a = fresh()
+    opt_a.step_in_backward(clip="previous", max_norm=max_norm)
+    in_backward(net_a, opt_a, data)
+
+    results = []
+    for carry in (True, False):
+        net_b, opt_b = fresh()
+        handle = opt_b.step_in_backward(clip="previous", max_norm=max_norm)
+        in_backward(net_b, opt_b, data[:3])
+        buf = io.BytesIO()
+        torch.save({"net": net_b.state_dict(), "opt": opt_b.state_dict(), "clip": handle.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        net_c, opt_c = fresh()
+        net_c.load_state_dict(saved["net"])
+        opt_c.load_state_dict(saved["opt"])
+        handle_c = opt_c.step_in_backward(clip="previous", max_norm=max_norm)
+        if carry:
+            handle_c.load_state_dict(saved["clip"])
+        in_backward(net_c, opt_c, data[3:])
+        results.append(all(torch.equal(a, c) for a, c in zip(net_a.parameters(), net_c.parameters())))
+    assert results == [True, False]

@@ -33,6 +33,8 @@ every gradient before any step. The handle offers
 
 ``handle.remove()`` returns to ordinary steps (under DDP the communication
 hook stays registered, as DDP allows one, and only all-reduces).
+``handle.state_dict()`` / ``load_state_dict()`` carry the ``"previous"``
+factor across a checkpoint.
 """
 from __future__ import annotations
 
@@ -174,6 +176,17 @@ class InBackward:
         if self._factor is None:
             return grad
         return grad * self._factor.to(device=grad.device, dtype=grad.dtype)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs of the handle: the ``clip="previous"`` factor of the last closed
+        step, as a Python float (``None``: none yet). Save it beside the optimizer's state."""
+        return {"factor": None if self._factor is None else float(self._factor)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s factor, so the first step after a resume is clipped as the
+        uninterrupted run's was."""
+        factor = state.get("factor")
+        self._factor = None if factor is None else torch.tensor(float(factor), dtype=torch.float32)
 
     def end_step(self) -> None:
         """Close the current step for ``clip="previous"``: its global norm sets the next step's factor."""

@@ -26,10 +26,9 @@ gradient accumulation wraps every micro-batch but the last in
 ``snsm.MetaSTORM``) is reported as skipped. ``opt.step()`` and ``zero_grad()``
 still run after backward (no-ops then), so the loop keeps its shape; the
 optimizer's own time cannot be separated from backward there, so
-``optimizer_step_time_s`` is ``None``. Resuming ``--clip previous`` in backward
-is exact except that the first step after the resume is not clipped (the
-handle keeps the previous step's factor outside the optimizer's state); every
-other combination resumes bit-identically.
+``optimizer_step_time_s`` is ``None``. Every combination resumes
+bit-identically (in backward, the ``previous`` clip's factor is saved from the
+handle's ``state_dict()`` with the run).
 
 Optimizers that need a closure (``snsm.MetaSTORM``: an optimizer with a true
 ``needs_closure`` attribute, or a MetaSTORM instance) step as
@@ -537,12 +536,11 @@ def _train(job: dict, progress, group=None) -> dict:
     stepping = job_stepping(job)
     stepping.factor = run["clip_factor"]
     stepping.start(opt, model if group is not None else None, job["optimizer"])
-    if stepping.in_backward and stepping.clip == "previous" and run["step"]:
-        log.warning("%s: resumed in backward with clip 'previous': step %d is not clipped (the previous step's "
-                    "factor is not in the checkpoint)", job["name"], run["step"] + 1)
+    if stepping.handle is not None:  # in backward: the handle keeps the "previous" clip's factor
+        stepping.handle.load_state_dict({"factor": run["clip_factor"]})
 
     def save_checkpoint() -> None:
-        run["clip_factor"] = stepping.factor
+        run["clip_factor"] = stepping.handle.state_dict()["factor"] if stepping.handle is not None else stepping.factor
         checkpoint.save(ckpt_path, job, inner, opt, sched, run, device, ctl, sharded=sharded, rank0=rank0)
 
     def eval_now() -> None:
