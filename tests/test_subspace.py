@@ -308,10 +308,9 @@ def test_vectors_and_conv_weights_in_a_subspace_group():
     assert opt.state[conv]["exp_avg_sq"].shape == (1, 27)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "traced-policy"])
-def test_transport_of_a_nonfinite_momentum_resets_it(compiled):
+def test_transport_of_a_nonfinite_momentum_resets_it():
     """A NaN in the subspace momentum would be carried into every direction of the new basis by
-    ``transport``: the refresh starts the momentum afresh instead (eager and traced refresh alike)."""
+    ``transport``: the refresh starts the momentum afresh instead."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(12, 6))
     opt = snsm.SGDSM([w], lr=0.1, momentum=0.9, rank=2, proj_gap=3, refresh="transport", stagger=False)
@@ -322,12 +321,6 @@ def test_transport_of_a_nonfinite_momentum_resets_it(compiled):
     w.grad = spiked(12, 6, rank=2, seed=1)
     opt.step()
     g = spiked(12, 6, rank=2, seed=2)
-    if compiled:  # the policy the compiled step runs: refresh_projector_traced at a refresh step
-        mom = state["exp_avg"]
-        sub = sm.Subspace((12, 6), 2, "svd", 3, "transport")
-        sm.refresh_projector_traced(state, g, mom, sub, torch.tensor(3.0))
-        assert torch.count_nonzero(mom) == 0 and int(state["proj_step"]) == 3
-        return
     w.grad = g
     opt.step()  # step 3: a refresh
     r = g @ state["proj"]
