@@ -63,6 +63,7 @@ ORDER = [
     "snsm.bench.launch",
     "snsm.bench.speed",
     "snsm.bench.theory",
+    "snsm.bench.family",
     "snsm.bench.dist_speed",
     "snsm.bench.cli",
     "snsm.bench.__main__",

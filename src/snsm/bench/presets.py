@@ -22,14 +22,19 @@ development machine, one single-threaded worker process per core, CPU time):
 * ``family`` (issue 7) is the default preset's model, data, length and
   learning-rate table with the AdaGrad family instead of the ten optimizers
   above: AdamW (the reference line), AdamW-SNSM (the default preset's best of
-  ours, for context), ``adagrad-norm``, ``adagrad-sn``, ``adago``, ``muon``
-  and the adaptive-batch ``adagrad-norm+adaptive`` / ``adagrad-sn+adaptive``
-  (batch 8 -> at most 32 sequences, micro-batch 2, the same 0.61M tokens).
-  Eight jobs, two at a time, four rounds: an estimated 15-17 minutes on 2
-  cores (Newton-Schulz adds about 0.065 s to a 0.53 s step for ``muon`` and
-  ``adago``; the adaptive entries run micro-batches of 2 sequences). They are
-  not in ``default``, which would then take about 33 minutes: ``default``
-  keeps its ten optimizers and its ~20-minute budget.
+  ours, for context), ``adagrad-norm``, ``adagrad-sn``, ``adago``, ``muon``,
+  ``adago-sm`` (AdaGO with subspace momentum), ``metastorm`` / ``metastorm-sn``
+  (META-STORM, two gradient evaluations per step) and the adaptive-batch
+  ``adagrad-norm+adaptive`` / ``adagrad-sn+adaptive`` (batch 8 -> at most 32
+  sequences, micro-batch 2, the same 0.61M tokens). Eleven jobs, two at a
+  time, six rounds: about 25 minutes on 2 cores (Newton-Schulz adds about
+  0.065 s to a 0.53 s step for ``muon``, ``adago`` and ``adago-sm``; the
+  adaptive entries run micro-batches of 2 sequences; ``--steps`` counts
+  optimizer steps, so the META-STORM jobs evaluate 600 gradients where the
+  others evaluate 300: for equal gradient evaluations run them apart with
+  ``--steps 150 --eval-every 15``). They are not in ``default``, which would
+  then take about 45 minutes: ``default`` keeps its ten optimizers and its
+  ~20-minute budget.
 * ``refresh`` (issue 5) is the default preset with AdamW, AdamW-SNSM as it
   ships (``svd`` basis, staggered refreshes) and three variants of its
   projector refresh: the paper's synchronized schedule (``stagger=False``),
@@ -65,6 +70,7 @@ OURS = ("adamw-sn", "adamw-snsm", "adamw-snsm-emb", "rmsprop-sn", "adagrad-snsm"
 BASELINES = ("adamw", "adafactor", "galore", "adam-mini")
 ALL_OPTIMIZERS = BASELINES + OURS
 FAMILY = ("adagrad-norm", "adagrad-sn", "adago", "muon")  # issue 7: AdaGrad-Norm, AdaGO and the Muon peer
+FAMILY_MORE = ("adago-sm", "metastorm", "metastorm-sn")  # subspace-momentum AdaGO; META-STORM (closure steps)
 ADAPTIVE = ("adagrad-norm+adaptive", "adagrad-sn+adaptive")  # the same with the adaptive batch size
 REFRESH = ("adamw-snsm-sync", "adamw-snsm-randomized", "adamw-snsm-srht")  # issue 5: refresh schedule, projector
 
@@ -124,7 +130,7 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 PRESETS["family"] = dataclasses.replace(PRESETS["default"], name="family",
-                                        optimizers=("adamw", "adamw-snsm") + FAMILY + ADAPTIVE)
+                                        optimizers=("adamw", "adamw-snsm") + FAMILY + FAMILY_MORE + ADAPTIVE)
 PRESETS["refresh"] = dataclasses.replace(PRESETS["default"], name="refresh",
                                          optimizers=("adamw", "adamw-snsm") + REFRESH)
 
