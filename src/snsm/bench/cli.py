@@ -42,7 +42,7 @@ log = logging.getLogger("snsm.bench")
 
 
 MAX_BATCH_FACTOR = 4  # default --max-batch-size: 4 x --batch-size
-DEFAULT_BATCH_ETA = 0.25  # snsm.AdaptiveBatchSize's default
+DEFAULT_BATCH_ETA = 0.75  # grows the benchmark's batch gradually (0.25 reached the cap at step 1; docs/family.md)
 ADAPTIVE_MICRO_STEPS = 4  # default micro-batches per step at the starting batch (adaptive jobs)
 
 
