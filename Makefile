@@ -8,7 +8,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY   := $(BENCH_VENV)/bin/python
 BENCH_PIP  := $(BENCH_PY) -m pip
 
-.PHONY: test bench speed venv clean
+.PHONY: test bench speed memory venv clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(BENCH_VENV)/.installed
 # Optimizer step time vs torch AdamW (fused and foreach), LLaMA-20M/60M shapes; writes results/speed/
 speed: $(VENV)/.installed
 	$(PY) -m snsm.bench.speed
+
+# Peak memory of one training step, broken down (LLaMA 60M-1B, ordinary and in-backward steps); writes results/memory/
+memory: $(VENV)/.installed
+	$(PY) -m snsm.bench.memory
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info .pytest_cache

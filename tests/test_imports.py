@@ -64,6 +64,7 @@ ORDER = [
     "snsm.bench.speed",
     "snsm.bench.theory",
     "snsm.bench.family",
+    "snsm.bench.memory",
     "snsm.bench.dist_speed",
     "snsm.bench.cli",
     "snsm.bench.__main__",
