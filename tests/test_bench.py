@@ -492,7 +492,7 @@ def test_batch_schedule_option_applies_to_every_entry():
     args = build_parser().parse_args(["--preset", "default", "--batch-schedule", "adaptive"])
     preset = resolve_preset(args)
     assert adaptive_settings(args, preset, ["adamw"]) == {"batch_schedule": "adaptive", "max_batch_size": 32,
-                                                           "batch_eta": 0.25, "micro_batch": 2}
+                                                           "batch_eta": 0.75, "micro_batch": 2}
     args = build_parser().parse_args(["--preset", "default"])
     assert adaptive_settings(args, preset, ["adamw", "muon"]) is None
     assert adaptive_settings(args, preset, ["adagrad-norm+adaptive"])["batch_schedule"] == "fixed"
