@@ -36,15 +36,20 @@ def transcription(x0, centres, lr, a0, b0, p, variant, per_coordinate=False):
     out = []
     for c in centres:
         g = x - c
+        if variant == "norm":  # the paper's META-STORM-SG: a_t weighs d_t, a_{t+1} (through G_t) the step
+            a_momentum = (1 + s_a / a0**2) ** (-2 / 3)
+            s_a = s_a + sq(g)
+            a = (1 + s_a / a0**2) ** (-2 / 3)
         if d is None:
-            d, a = g.clone(), 1.0
-            if variant == "norm":
-                s_a = s_a + sq(g)
+            d = g.clone()
+            if variant == "difference":
+                a = 1.0
         else:
             tilde = prev_x - c
-            s_a = s_a + (sq(prev_g - tilde) if variant == "difference" else sq(g))
-            a = (1 + s_a / a0**2) ** (-2 / 3)
-            d = g + (1 - a) * (d - tilde)
+            if variant == "difference":
+                s_a = s_a + sq(prev_g - tilde)
+                a = a_momentum = (1 + s_a / a0**2) ** (-2 / 3)
+            d = g + (1 - a_momentum) * (d - tilde)
         s_d = s_d + sq(d)
         b = (b0 ** (1 / p) + s_d) ** p / (a ** q if per_coordinate else a**q)
         prev_x, prev_g = x.clone(), g.clone()
@@ -67,6 +72,78 @@ def test_the_update_equations_on_a_quadratic(variant, granularity):
         closure, _ = quadratic_closure(opt, w, c)
         opt.step(closure)
         torch.testing.assert_close(w.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def storm_plus(x0, gradient, steps, lr, b0):
+    """STORM+ (Levy, Kavis & Cevher, 2021), from its paper: a_{t+1} = (1 + sum_{i<=t} ||g_i||^2)^(-2/3),
+    eta_t = lr / (b0 + sum_{i<=t} ||d_i||^2 / a_{i+1})^(1/3), x_{t+1} = x_t - eta_t d_t,
+    d_{t+1} = g(x_{t+1}, xi_{t+1}) + (1 - a_{t+1})(d_t - g(x_t, xi_{t+1})). ``gradient(x, t)`` is
+    G(x, xi_t). Returns the iterates, the weights a_{t+1} and the directions d_t."""
+    x, d, s_g, s_d = x0.clone(), None, 0.0, 0.0
+    xs, weights, directions = [], [], []
+    for t in range(steps):
+        g = gradient(x, t)
+        d = g.clone() if d is None else g + (1 - weights[-1]) * (d - gradient(xs[-2] if len(xs) > 1 else x0, t))
+        s_g += float(g.square().sum())
+        a = (1 + s_g) ** (-2 / 3)
+        s_d += float(d.square().sum()) / a
+        x = x - lr * d / (b0 + s_d) ** (1 / 3)
+        xs.append(x.clone())
+        weights.append(a)
+        directions.append(d.clone())
+    return xs, weights, directions
+
+
+def scripted_closure(opt, w, gradient, step):
+    """A closure whose gradient at the parameter's current value is ``gradient(value, step[0])``."""
+    def closure():
+        opt.zero_grad()
+        w.grad = gradient(w.detach().clone(), step[0])
+        return torch.zeros(())
+    return closure
+
+
+@pytest.mark.parametrize("later_gradients", ["zero", "quadratic"])
+def test_the_norm_version_at_p_one_third_is_storm_plus(later_gradients):
+    """META-STORM-SG with p = 1/3 (q = 1/3), a0 = 1 takes STORM+'s momentum weights and directions
+    exactly; its step divides the whole sum of ||d||^2 by the latest weight where STORM+ divides each
+    term by its own, so the two iterates coincide while the weight stays put (gradients zero after
+    the first step) and META-STORM's steps are otherwise the shorter ones."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    centres = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(8)]
+    first = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+
+    def gradient(x, t):
+        if later_gradients == "zero":
+            return first.clone() if t == 0 else torch.zeros_like(x)
+        return x - centres[t]
+
+    lr, b0, steps = 0.5, 1e-12, len(centres)  # STORM+ has no floor: a negligible one for both
+    xs, weights, directions = storm_plus(x0, gradient, steps, lr, b0)
+    w = nn.Parameter(x0.clone())
+    opt = snsm.MetaSTORM([w], lr=lr, a0=1.0, b0=b0 ** (1 / 3), p=1 / 3, variant="norm")  # b0^(1/p) = b0
+    step = [0]
+    for t in range(steps):
+        before = w.detach().clone()
+        opt.step(scripted_closure(opt, w, gradient, step))
+        step[0] += 1
+        state = opt.state[w]
+        torch.testing.assert_close(state["d"], directions[t], rtol=1e-12, atol=1e-12)
+        a = (1 + float(state["sum_a"])) ** (-2 / 3)
+        assert a == pytest.approx(weights[t], rel=1e-12)
+        if later_gradients == "zero":
+            torch.testing.assert_close(w.detach(), xs[t], rtol=1e-10, atol=1e-12)
+        else:  # same direction, a step no longer than STORM+'s from the same point
+            ours = (before - w.detach()).norm()
+            theirs = (lr * directions[t] / (b0 + sum(float(d.square().sum()) / wt for d, wt in
+                                                    zip(directions[:t + 1], weights[:t + 1]))) ** (1 / 3)).norm()
+            assert ours <= theirs * (1 + 1e-12)
+            if t == 0:
+                assert ours == pytest.approx(float(theirs), rel=1e-12)
+            else:
+                assert ours < theirs * (1 - 1e-6)
+            w.data.copy_(xs[t])  # continue from STORM+'s iterate, so the directions stay comparable
 
 
 def test_the_closure_runs_at_the_current_then_the_previous_iterate_and_the_parameters_come_back():

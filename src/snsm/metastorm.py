@@ -22,6 +22,16 @@ minibatch, at the current and at the previous iterate:
 
     x_{t+1} = x_t - \eta\, d_t / b_t
 
+In the norm version (META-STORM-SG) the sum needs no second gradient, and
+the paper's indices are kept: the momentum weight of ``d_t`` is
+``a_t = (1 + \sum_{i<t} \lVert G_i \rVert^2 / a_0^2)^{-2/3}`` and the step's
+``b_t`` divides by ``a_{t+1}^q`` (the sum through ``G_t``), as the authors'
+code does. With ``p = 1/3`` (``q = 1/3``) this is STORM+ (Levy, Kavis & Cevher,
+2021), except that STORM+ weighs each ``\lVert d_i \rVert^2`` by its own
+``1 / a_{i+1}`` where META-STORM divides the whole sum by the latest ``a``
+(the same ``a`` and ``d``; equal steps while ``a`` stays put; otherwise
+META-STORM's steps are the shorter ones).
+
 ``G_{t-1}`` is the previous step's ``G`` (stored), so a step costs two
 forward-backward passes. The momentum weight ``a`` of step ``t`` is the one
 this step's minibatch gives, as in the authors' code (the paper's ``b_t``
@@ -223,6 +233,17 @@ class MetaSTORM(StrictOptimizer):
         s.mul_(beta).add_(x, alpha=1.0 - beta)
         return s / (1.0 - beta**step)
 
+    @staticmethod
+    def _total(s: torch.Tensor, group: dict, step: int) -> torch.Tensor:
+        """The sum as of step ``step`` (the EMA bias-corrected), without changing it."""
+        beta = group["ema"]
+        return s if beta is None else s / (1.0 - beta**step)
+
+    @staticmethod
+    def _weight(total: torch.Tensor, a0: float) -> torch.Tensor:
+        """The momentum weight ``a = (1 + total / a0^2)^(-2/3)``."""
+        return (1.0 + total / a0**2).pow(-2.0 / 3.0)
+
     def _update(self, p: torch.Tensor, group: dict, grad: torch.Tensor, tilde: Optional[torch.Tensor]) -> None:
         state = self.state[p]
         state["step"] += 1
@@ -234,23 +255,23 @@ class MetaSTORM(StrictOptimizer):
             tilde = -tilde
         a0, b0, power = float(group["a0"]), float(group["b0"]), float(group["p"])
         q = (1.0 - power) / 2.0
-        if tilde is None:  # the first step: d_1 = G_1, a_1 = 1
-            d.copy_(g)
+        if group["variant"] == "norm":
+            # META-STORM-SG: the momentum weight of d_t sums the norms before step t, the step's
+            # weight (in b_t) those up to and including G_t (the paper's a_t and a_{t+1})
+            if tilde is not None:
+                a_momentum = self._weight(self._total(state["sum_a"], group, step - 1), a0)
+            a = self._weight(self._accumulate(state["sum_a"], self._sums(g, layout), group, step), a0)
+        elif tilde is None:  # the first step of the difference version: a_1 = 1
             a = torch.ones((), device=d.device, dtype=d.dtype)
-            if group["variant"] == "norm":
-                self._accumulate(state["sum_a"], self._sums(g, layout), group, step)
         else:
-            tilde = tilde.to(d.dtype)
-            if group["variant"] == "difference":
-                signal = self._sums(state["prev_grad"] - tilde, layout)
-            else:
-                signal = self._sums(g, layout)
-            total_a = self._accumulate(state["sum_a"], signal, group, step)
-            a = (1.0 + total_a / a0**2).pow(-2.0 / 3.0)
-            # d_t = G_t + (1 - a_t)(d_{t-1} - G~_t), with (1 - a) broadcast over each subset
-            correction = d.sub_(tilde)
-            scale = 1.0 - a
-            d.copy_(torch.addcmul(g, _broadcast(scale, correction, layout), correction))
+            a = a_momentum = self._weight(self._accumulate(
+                state["sum_a"], self._sums(state["prev_grad"] - tilde.to(d.dtype), layout), group, step), a0)
+        if tilde is None:  # d_1 = G_1
+            d.copy_(g)
+        else:
+            # d_t = G_t + (1 - a)(d_{t-1} - G~_t), with (1 - a) broadcast over each subset
+            correction = d.sub_(tilde.to(d.dtype))
+            d.copy_(torch.addcmul(g, _broadcast(1.0 - a_momentum, correction, layout), correction))
         total_d = self._accumulate(state["sum_d"], self._sums(d, layout), group, step)
         b = (b0 ** (1.0 / power) + total_d).pow(power) / a.pow(q)
         state["prev"].copy_(p)
