@@ -58,6 +58,7 @@ ORDER = [
     "snsm.bench.presets",
     "snsm.bench.optimizers",
     "snsm.bench.textdata",
+    "snsm.bench.finetune_data",
     "snsm.bench.train",
     "snsm.bench.report",
     "snsm.bench.launch",
@@ -66,6 +67,7 @@ ORDER = [
     "snsm.bench.family",
     "snsm.bench.memory",
     "snsm.bench.dist_speed",
+    "snsm.bench.finetune",
     "snsm.bench.cli",
     "snsm.bench.__main__",
 ]

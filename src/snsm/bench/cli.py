@@ -14,6 +14,7 @@ Examples::
     python -m snsm.bench --preset smoke --nproc 2 --parallel fsdp   # each job as 2 torchrun processes
     python -m snsm.bench --preset smoke --in-backward --clip previous  # every step inside backward
     python -m snsm.bench --optimizers adamw-snsm,adamw-sn --clip none --time-in-backward 40  # its time cost
+    python -m snsm.bench --task finetune                # fine-tuning benchmark (= --preset finetune), ~20 min
 
 Bad input, and an output directory that cannot be written (a file, no permission, a full disk:
 ``cannot write to PATH: REASON``), exit with a one-line error (status 2) and no traceback. A job
@@ -65,7 +66,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
     p = _Parser(prog="snsm-bench", description="Pretraining benchmark: snsm optimizers vs AdamW and peers.")
-    p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
+    p.add_argument("--task", choices=TASKS,
+                   help="pretrain (the default with every preset but finetune) or finetune (the fine-tuning "
+                        "benchmark, snsm.bench.finetune: its preset is finetune, the default with --task finetune)")
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: default; finetune with --task finetune)")
     p.add_argument("--optimizers", help="comma-separated subset (default: the preset's list)")
     p.add_argument("--out", help="output directory (default: results/<preset>[-sweep-lr])")
     p.add_argument("--resume", action="store_true", help="continue a run in --out from its checkpoints")
@@ -128,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the benchmark: time STEPS training steps of each optimizer with ordinary steps "
                         "and inside backward, alternating in one process (same data, same --clip, which must not "
                         "be global); prints ms per step and the ratio, writes timing.json")
+    f = p.add_argument_group("fine-tuning (--task finetune)")
+    f.add_argument("--base-steps", type=int, help="pretraining steps of the cached base model (default 600)")
+    f.add_argument("--sweep-steps", type=int,
+                   help="steps of each learning-rate sweep run, at --sweep-factors x each method's centre lr "
+                        "(default 100; 0: no sweep)")
+    f.add_argument("--adapter-rank", type=int, help="rank of the LoRA / DoRA / LoFT adapters (default 8)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop every job after N steps of this invocation, leaving a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -135,12 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+TASKS = ("pretrain", "finetune")
+
+
+def resolve_task(args) -> str:
+    """``--task`` and ``--preset`` agreed: sets ``args.preset`` and returns the task."""
+    if args.task == "finetune" or (args.task is None and args.preset == "finetune"):
+        if args.preset not in (None, "finetune"):
+            raise BenchError(f"--task finetune runs the finetune preset, not --preset {args.preset}")
+        args.preset = "finetune"
+        return "finetune"
+    if args.preset == "finetune":
+        raise BenchError("--preset finetune is the fine-tuning benchmark: drop --task pretrain")
+    args.preset = args.preset or "default"
+    return "pretrain"
+
+
 def resolve_preset(args):
     """The preset ``--preset`` names with the command line's overrides applied, checked."""
     from .model import model_size
     from .presets import get_preset
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset or "default")
     over = {k: getattr(args, k) for k in ("model", "steps", "seq_len", "batch_size", "micro_batch", "eval_every",
                                           "eval_seqs", "ckpt_every", "vocab_size", "rank", "proj_gap")
             if getattr(args, k) is not None}
@@ -357,6 +383,12 @@ def run(args) -> int:
     from .report import build_summary, format_table, run_note, write_outputs
     from .launch import run_jobs
 
+    if resolve_task(args) == "finetune":
+        from .finetune import run_finetune
+        return run_finetune(args, resolve_preset(args))
+    for flag in ("base_steps", "sweep_steps", "adapter_rank"):
+        if getattr(args, flag, None) is not None:
+            raise BenchError(f"--{flag.replace('_', '-')} is an option of the fine-tuning benchmark (--task finetune)")
     if args.stop_after is not None and args.stop_after < 1:
         raise BenchError("--stop-after must be >= 1")
     preset = resolve_preset(args)
