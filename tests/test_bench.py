@@ -514,3 +514,30 @@ def test_adaptive_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("snsm-bench: error:") and message in err and err.strip().count("\n") == 0
+
+
+def test_adago_entries_hold_their_orthogonalized_groups_at_the_peak_lr_in_the_scheduler_itself():
+    """AdaGO's paper steps with a constant eta: the LR scheduler leaves its orthogonalized groups at
+    their peak (so steps inside backward, which run no opt.step() hook, see it too) and drives only
+    its AdamW group; an entry without constant_lr follows the schedule in every group."""
+    import torch
+    from snsm.bench.optimizers import REGISTRY, BuildContext, orthogonalized
+    from snsm.bench.train import lr_schedule
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ctx = BuildContext(rank=2, proj_gap=5, hidden=8, heads=2, aux_lr=1e-3)
+    factor = lambda step: 0.5 ** step  # noqa: E731
+    for name in ("adago", "adago-sm"):
+        opt = REGISTRY[name].build(model, 0.2, ctx)
+        sched = lr_schedule(opt, name, factor)
+        held = [g for g in opt.param_groups if orthogonalized(g)]
+        driven = [g for g in opt.param_groups if not orthogonalized(g)]
+        assert held and driven
+        for _ in range(3):
+            sched.step()
+        assert all(g["lr"] == 0.2 for g in held)
+        assert all(g["lr"] == pytest.approx(g["initial_lr"] * 0.125) for g in driven)
+    opt = REGISTRY["adamw-sn"].build(model, 0.2, ctx)
+    sched = lr_schedule(opt, "adamw-sn", factor)
+    sched.step()
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * 0.5) for g in opt.param_groups)

@@ -38,7 +38,8 @@ The AdaGrad family (issue 7; ``--preset family``), all grouped with
   update; defaults gamma 10, v0 1e-2, eps 1e-6); AdamW on the coordinate-wise
   group at ``adamw``'s lr (``aux_lr``). The paper's schedule: a constant ``eta``
   (the AdaGrad-Norm factor ``min(||G||, gamma) / v_t`` is its decay), so the
-  orthogonalized groups are held at their peak lr (:func:`hold_peak_lr`); only
+  orthogonalized groups are held at their peak lr (``OptimizerSpec.constant_lr``:
+  the LR scheduler leaves them alone, with ordinary steps and inside backward); only
   the AdamW group follows the benchmark's warm-up/cosine schedule. (Under the
   cosine schedule on top, AdaGO ended at 5.93 against Muon's 5.17.)
 * ``adago-sm``        the same with Subspace-Momentum (``rank`` and ``proj_gap`` from
@@ -121,6 +122,8 @@ class OptimizerSpec:
     aux_lr_from: str | None = None  # entry whose lr the non-matrix group takes (BuildContext.aux_lr)
     batch_schedule: str | None = None  # "adaptive": always runs with the adaptive batch size
     parallel: tuple[str, ...] = ("ddp", "fsdp")  # the --parallel modes it runs under (FSDP: on DTensors)
+    # groups stepped at a constant lr (their peak): the LR scheduler drives only the others (train.lr_schedule)
+    constant_lr: Callable[[dict], bool] | None = None
 
 
 def _sm(ctx: BuildContext, proj: str = "svd", **extra: Any) -> dict[str, Any]:
@@ -182,23 +185,8 @@ def _adagrad_sn(model, lr, ctx):
     return snsm.AdaGradSN(snsm.param_groups(model), lr=lr, momentum=ADAGRAD_MOMENTUM, eps=EPS, weight_decay=0.0)
 
 
-def hold_peak_lr(opt: torch.optim.Optimizer, groups: Callable[[dict], bool]) -> torch.optim.Optimizer:
-    """Run the groups ``groups(group)`` selects at a constant lr: before every step their ``lr`` is set back
-    to the peak the LR scheduler started from (``initial_lr``; the group's own lr before any scheduler).
-    The benchmark's warm-up/cosine schedule then drives only the other groups. Used by ``adago``:
-    AdaGO's paper steps with a constant ``eta`` (the AdaGrad-Norm factor is its decay)."""
-
-    def hook(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            if groups(group) and "initial_lr" in group:
-                group["lr"] = group["initial_lr"]
-        return None
-
-    opt.register_step_pre_hook(hook)
-    return opt
-
-
-def _orthogonalized(group: dict) -> bool:
+def orthogonalized(group: dict) -> bool:
+    """AdaGO's orthogonalized groups (not its coordinate-wise AdamW group)."""
     return group.get("subset_size", "auto") is not None
 
 
@@ -207,7 +195,7 @@ def _adago(model, lr, ctx, rank: int | None = None):
     sm = {"rank": rank, "proj_gap": ctx.proj_gap} if rank is not None else {}
     opt = snsm.AdaGO(snsm.param_groups(model, **sm), lr=lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
                      adamw_lr=_aux_lr(ctx, 3e-3), adamw_betas=BETAS, adamw_eps=EPS)
-    return hold_peak_lr(opt, _orthogonalized)
+    return opt
 
 
 METASTORM_EMA = 0.99  # the authors' code's beta for --storm_ema
@@ -385,9 +373,11 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("adagrad-norm", "snsm.AdaGradNorm, momentum 0.9", _adagrad_norm, aux_lr_from="adagrad-sn"),
     OptimizerSpec("adagrad-sn", "snsm.AdaGradSN, momentum 0.9", _adagrad_sn),
     # snsm.AdaGO mixes plain tensors and DTensors in its update under FSDP2 (fails on the first step)
-    OptimizerSpec("adago", "snsm.AdaGO, constant eta (AdamW on the rest)", _adago, aux_lr_from="adamw"),
+    OptimizerSpec("adago", "snsm.AdaGO, constant eta (AdamW on the rest)", _adago, aux_lr_from="adamw",
+                  constant_lr=orthogonalized),
     OptimizerSpec("adago-sm", "snsm.AdaGO with rank-r subspace momentum, constant eta (AdamW on the rest)",
-                  lambda m, lr, ctx: _adago(m, lr, ctx, rank=ctx.rank), aux_lr_from="adamw", parallel=("ddp",)),
+                  lambda m, lr, ctx: _adago(m, lr, ctx, rank=ctx.rank), aux_lr_from="adamw", parallel=("ddp",),
+                  constant_lr=orthogonalized),
     OptimizerSpec("muon", "torch.optim.Muon + torch.optim.AdamW on the rest", _muon, aux_lr_from="adamw"),
     # step(closure): two gradients per step, at the current and the previous iterate; not inside backward
     OptimizerSpec("metastorm", "snsm.MetaSTORM, per-coordinate, EMA 0.99", _metastorm, parallel=("ddp",)),

@@ -108,6 +108,20 @@ from .fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def lr_schedule(opt, name: str, factor: Callable[[int], float]):
+    """The job's LR scheduler: every group's lr times ``factor(step)``, except the groups the entry
+    holds at a constant lr (``OptimizerSpec.constant_lr``: AdaGO's orthogonalized groups), which keep
+    their peak. Per group in the scheduler itself, so it holds inside backward too (where no
+    ``opt.step()`` hook runs before the parameters step)."""
+    import torch
+
+    from .optimizers import REGISTRY
+    held = REGISTRY[name].constant_lr
+    if held is None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, [(lambda _: 1.0) if held(g) else factor for g in opt.param_groups])
+
+
 def cosine_with_warmup(total_steps: int, warmup_frac: float, min_ratio: float):
     """lr multiplier at (0-based) scheduler step ``s``: linear warm-up, then cosine down to ``min_ratio``."""
     warmup = max(1, int(round(warmup_frac * total_steps)))
@@ -520,9 +534,9 @@ def _train(job: dict, progress, group=None) -> dict:
                                      granularity=job["micro_batch"])
         run.update({"tokens": 0, "timed_tokens": 0, "batch_history": []})
         # the schedule by tokens: "step" s of the fixed-batch schedule is s * batch_size * seq_len tokens
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: factor(run["tokens"] / tokens_per_step))
+        sched = lr_schedule(opt, job["optimizer"], lambda _: factor(run["tokens"] / tokens_per_step))
     else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = lr_schedule(opt, job["optimizer"], factor)
 
     def tokens_now() -> int:
         return run["tokens"] if adaptive else run["step"] * tokens_per_step
@@ -709,7 +723,7 @@ def time_step_modes(job: dict, steps: int, warmup: int = 2) -> dict:
         model.load_state_dict(torch.load(job["init_path"], weights_only=True))
         model.to(device)
         opt = REGISTRY[job["optimizer"]].build(model, job["lr"], ctx)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = lr_schedule(opt, job["optimizer"], factor)
         stepping = Stepping(job["clip_mode"], job["clip"], mode == "in_backward")
         stepping.start(opt, None, job["optimizer"])
         modes[mode] = {"model": model, "opt": opt, "sched": sched, "stepping": stepping, "cpu": [], "wall": [],
