@@ -286,3 +286,34 @@ def test_ddp_trainer_in_backward_follows_ordinary_steps(tmp_path):
         assert r["ranks_agree"] and r["moved"] > 1e-3
         assert r["max_diff"] == 0.0, r
         assert set(r["pending_in_backward"]) == {0} and 0 not in r["pending_plain"]
+
+
+# ---------------------------------------------------------------- LoFT on a peft model, by name
+
+def test_loft_names_build_on_the_peft_model_and_train_in_trainer(tmp_path):
+    """"loft" / "loft-sn" build snsm.LoFTAdamW on the model Trainer trains (a peft LoRA llama): LoFT
+    state on every LoRA factor, the base weights frozen, the loss going down; grouping options refused."""
+    peft = pytest.importorskip("peft")
+    for name, second_moment in (("loft", "full"), ("loft-sn", "subset")):
+        model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        data = dataset(n=2)  # one batch, seen every step: its loss must go down
+        x = torch.stack([d["input_ids"] for d in data])
+        with torch.no_grad():
+            before = model(input_ids=x, labels=x).loss.item()
+        trainer = Trainer(model=model, args=arguments(tmp_path / name, steps=8), train_dataset=data,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(name, lr=3e-2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        opt = snsm_of(trainer)
+        assert isinstance(opt, snsm.LoFTAdamW)
+        assert all(g["second_moment"] == second_moment for g in opt.param_groups)
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        assert len(lora) == 4 and all("partner" in opt.state[p] for p in lora)
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        with torch.no_grad():
+            after = model(input_ids=x, labels=x).loss.item()
+        assert after < before - 0.05, (before, after)
+    with pytest.raises(ValueError, match="loft takes no option 'embeddings'"):
+        build_optimizer(llama(), "loft", embeddings=True)

@@ -24,6 +24,11 @@ Options (keyword arguments of :func:`build_optimizer`):
 ``weight_decay`` applies to the matrices (linear weights, LoRA factors,
 embeddings) and not to vectors (biases, norm scales), as
 ``transformers.Trainer`` does. Every name defaults to ``weight_decay=0``.
+
+``"loft"`` / ``"loft-sn"`` (:class:`snsm.LoFTAdamW`) are built on the model
+itself, a peft model with LoRA adapters: LoFT on each LoRA pair, AdamW on the
+other trainable parameters; they take LoFTAdamW's options (``lr``, ``betas``,
+``damping``, ``max_grad_norm``, ...) and no grouping options.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class Recipe:
     cls: type
     options: Mapping[str, Any]
     description: str
+    #: the class is built on the model itself (``cls(model, **options)``: LoFT finds the peft LoRA pairs
+    #: by name), not on :func:`snsm.param_groups`' groups; the grouping options do not apply
+    takes_model: bool = False
 
     @property
     def subspace(self) -> bool:
@@ -59,8 +67,8 @@ class Recipe:
 _NO_DECAY = types.MappingProxyType({"weight_decay": 0.0})
 
 
-def _recipe(cls, description, **options) -> Recipe:
-    return Recipe(cls, types.MappingProxyType({**_NO_DECAY, **options}), description)
+def _recipe(cls, description, takes_model=False, **options) -> Recipe:
+    return Recipe(cls, types.MappingProxyType({**_NO_DECAY, **options}), description, takes_model)
 
 
 #: the library's optimizers by the benchmark's names (``snsm.bench.optimizers``)
@@ -79,6 +87,10 @@ OPTIMIZERS: Mapping[str, Recipe] = types.MappingProxyType({
     "adagrad-norm": _recipe(snsm.AdaGradNorm, "AdaGrad-Norm (one accumulator per matrix), momentum 0.9",
                             momentum=0.9),
     "adago": _recipe(snsm.AdaGO, "AdaGO (AdamW on the coordinate-wise groups)"),
+    "loft": _recipe(snsm.LoFTAdamW, "LoFT on a peft model's LoRA pairs (AdamW on the other trainable parameters)",
+                    takes_model=True),
+    "loft-sn": _recipe(snsm.LoFTAdamW, "LoFT with a Subset-Norm second moment", takes_model=True,
+                       second_moment="subset"),
 })
 
 #: options of :func:`build_optimizer` that shape the groups rather than the optimizer
@@ -90,7 +102,7 @@ _MATRIX_OPTIONS = ("subset_size",) + SUBSPACE_OPTIONS
 
 def _constructor_options(cls) -> Tuple[str, ...]:
     params = inspect.signature(cls.__init__).parameters
-    return tuple(n for n, p in params.items() if n not in ("self", "params")
+    return tuple(n for n, p in params.items() if n not in ("self", "params", "model")
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
@@ -102,7 +114,8 @@ def _recipe_for(name: Any) -> Recipe:
 
 def allowed_options(name: str) -> Tuple[str, ...]:
     """The options :func:`build_optimizer` takes for ``name``."""
-    return _constructor_options(_recipe_for(name).cls) + GROUPING_OPTIONS
+    recipe = _recipe_for(name)
+    return _constructor_options(recipe.cls) + (() if recipe.takes_model else GROUPING_OPTIONS)
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -128,6 +141,8 @@ def check_options(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _build(model: nn.Module, recipe: Recipe, options: Dict[str, Any]) -> torch.optim.Optimizer:
     options = dict(options)
+    if recipe.takes_model:
+        return recipe.cls(model, **options)
     embeddings = options.pop("embeddings", False)
     lora_subset_size = options.pop("lora_subset_size", "same")
     aux_lr = options.pop("aux_lr", None)
