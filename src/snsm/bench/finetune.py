@@ -6,7 +6,7 @@ Pipeline:
    :mod:`snsm.bench.finetune_data`) is kept away from pretraining: the tokenizer is trained on the
    rest of the corpus and the base model never sees a held-out token.
 2. **The base model**, pretrained by the benchmark itself: the preset's model with AdamW on the
-   rest of the corpus (:data:`BASE`: sequence 256, batch 8, 600 steps, lr 3e-3, the pretraining
+   rest of the corpus (:data:`BASE`: sequence 256, batch 8, 500 steps, lr 3e-3, the pretraining
    benchmark's recipe and its own job runner, :func:`snsm.bench.train.run_job`). It is cached
    under the cache directory (``finetune-base-<key>/base.pt``, the key a hash of everything that
    makes it: tokenizer, data, model, steps, lr, seed) and trained only if missing; an interrupted
@@ -83,7 +83,7 @@ LR = {"adamw": 1e-3, "adamw-sn": 1e-2, "adamw-snsm": 1e-2, "galore": 3e-3,
 ADAPTER_RANK = 8
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BETAS, EPS = (0.9, 0.999), 1e-8
-SWEEP_STEPS = 100
+SWEEP_STEPS = 80
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class BaseSettings:
 
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 600
+    steps: int = 500
     lr: float = 3e-3
     eval_seqs: int = 32
 

@@ -138,12 +138,12 @@ PRESETS["refresh"] = dataclasses.replace(PRESETS["default"], name="refresh",
                                          optimizers=("adamw", "adamw-snsm") + REFRESH)
 
 # ``finetune`` (issue 21; ``python -m snsm.bench --task finetune``): fine-tuning a base model the benchmark
-# pretrains once and caches (AdamW, 600 steps of 8 x 256 tokens on the corpus without the held-out works,
+# pretrains once and caches (AdamW, 500 steps of 8 x 256 tokens on the corpus without the held-out works,
 # about 2.5 minutes on 2 threads), on two tasks built from the held-out works; the values here are the
-# fine-tuning runs': 300 steps of 8 x 128 tokens, each method's lr the best of a 100-step sweep. Vocabulary
+# fine-tuning runs': 250 steps of 8 x 128 tokens, each method's lr the best of an 80-step sweep (x0.3, x1, x3). Vocabulary
 # 4096 (a third cheaper a step than 8192 at this model size), trained on 4M characters. Measured: docs/bench/finetune_results.md.
 PRESETS["finetune"] = Preset(
-    name="finetune", model="llama_9m", seq_len=128, batch_size=8, steps=300, eval_every=30, eval_seqs=64,
+    name="finetune", model="llama_9m", seq_len=128, batch_size=8, steps=250, eval_every=25, eval_seqs=64,
     ckpt_every=50, vocab_size=4096, tokenizer_chars=4_000_000, optimizers=FINETUNE, proj_gap=30,
 )
 
