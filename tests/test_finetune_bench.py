@@ -147,7 +147,7 @@ def test_held_out_works_never_appear_in_the_pretraining_split():
 def test_head_tail_split_is_disjoint_and_covers_every_document():
     ids = np.arange(1000, dtype=np.int32)
     head, tail = fd.head_tail(ids)
-    assert len(tail) == 100 and np.array_equal(np.concatenate([head, tail]), ids)
+    assert len(tail) == round(fd.VAL_FRACTION * 1000) and np.array_equal(np.concatenate([head, tail]), ids)
     assert fd.work_of("Paradise Lost, Book IV") == "Paradise Lost"
     assert fd.work_of("Comus (ed. William Bell, with introduction and notes)") == "Comus"
 
@@ -197,7 +197,7 @@ def test_lm_streams_keep_validation_apart():
     a, b = np.arange(50, dtype=np.int32), np.arange(100, 200, dtype=np.int32)
     train, val = fd.lm_streams([a, b])
     assert not set(train.tolist()) & set(val.tolist())
-    assert len(val) == 5 + 10
+    assert len(val) == round(fd.VAL_FRACTION * 50) + round(fd.VAL_FRACTION * 100)
 
 
 def test_tokens_to_reach_and_skipped_peer_in_the_table():

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base-steps", type=int, help="pretraining steps of the cached base model (default 500)")
     f.add_argument("--sweep-steps", type=int,
                    help="steps of each learning-rate sweep run, at --sweep-factors x each method's centre lr "
-                        "(default 80; 0: no sweep)")
+                        "(default 60; 0: no sweep)")
     f.add_argument("--adapter-rank", type=int, help="rank of the LoRA / DoRA / LoFT adapters (default 8)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop every job after N steps of this invocation, leaving a checkpoint (continue with --resume)")

@@ -76,14 +76,17 @@ METHODS = FULL + ADAPTERS
 TASKS = ("lm", "cls")
 TASK_TITLES = {"lm": "domain adaptation: language modelling on the held-out works",
                "cls": "classification: which held-out work a passage comes from"}
-#: the centre of each method's learning-rate sweep (full FT at a tenth of the pretraining lr for
-#: AdamW; Subset-Norm about 10x Adam on full matrices and ~3x on rank-8 factors; LoFT's lr is AdamW's on W)
-LR = {"adamw": 1e-3, "adamw-sn": 1e-2, "adamw-snsm": 1e-2, "galore": 3e-3,
-      "lora-adamw": 3e-3, "lora-adamw-sn": 1e-2, "dora-adamw": 3e-3, "loft": 1e-3}
+#: the centre of each method's learning-rate sweep (x0.3, x1, x3 by default). Set after a first, interrupted run
+#: of the preset with lower centres (AdamW and LoFT 1e-3, GaLore, LoRA and DoRA 3e-3, LoRA + AdamW-SN 1e-2), where
+#: AdamW, GaLore and the LoRA runs were best at the top of their grids and AdamW-SN / -SNSM (1e-2) in the middle.
+#: Subset-Norm takes about 10x Adam's lr on full matrices and ~3x on rank-8 factors (docs/finetuning.md); LoFT's
+#: lr is AdamW's lr on W. The measured sweep: docs/bench/finetune_results.md.
+LR = {"adamw": 3e-3, "adamw-sn": 1e-2, "adamw-snsm": 1e-2, "galore": 1e-2,
+      "lora-adamw": 1e-2, "lora-adamw-sn": 3e-2, "dora-adamw": 1e-2, "loft": 3e-3}
 ADAPTER_RANK = 8
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BETAS, EPS = (0.9, 0.999), 1e-8
-SWEEP_STEPS = 80
+SWEEP_STEPS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,9 +345,13 @@ def run_finetune(args, preset) -> int:
             "threads": threads, "resume": args.resume, "stop_after": args.stop_after,
             "total_steps": len(TASKS) * (len(lrs) * sweep_steps + preset.steps),
         })
+    # the longest jobs first (measured: DoRA and LoFT steps cost ~1.3x, SNSM and GaLore ~1.1x AdamW's), so
+    # that the two workers finish together
+    cost = {"dora-adamw": 0, "loft": 1, "galore": 2, "adamw-snsm": 3}
+    order = sorted(jobs, key=lambda j: cost.get(j["method"], len(cost)))
     log.info("running %d fine-tuning job(s) on %s, %d at a time, each on %s: %s", len(jobs), device, workers,
-             " and ".join(TASKS), ", ".join(j["name"] for j in jobs))
-    results = run_ft_jobs(jobs, workers, show)
+             " and ".join(TASKS), ", ".join(j["name"] for j in order))
+    results = run_ft_jobs(order, workers, show)
     failed = [r for r in results.values() if r.get("status") == "failed"]
     for r in failed:
         reason = (str(r.get("reason") or "").splitlines() or ["no reason recorded"])[0]
