@@ -14,7 +14,7 @@ Examples::
     python -m snsm.bench --preset smoke --nproc 2 --parallel fsdp   # each job as 2 torchrun processes
     python -m snsm.bench --preset smoke --in-backward --clip previous  # every step inside backward
     python -m snsm.bench --optimizers adamw-snsm,adamw-sn --clip none --time-in-backward 40  # its time cost
-    python -m snsm.bench --task finetune                # fine-tuning benchmark (= --preset finetune), ~20 min
+    python -m snsm.bench --task finetune                # fine-tuning benchmark (= --preset finetune), ~15 min
 
 Bad input, and an output directory that cannot be written (a file, no permission, a full disk:
 ``cannot write to PATH: REASON``), exit with a one-line error (status 2) and no traceback. A job

@@ -6,8 +6,9 @@ Pipeline:
    :mod:`snsm.bench.finetune_data`) is kept away from pretraining: the tokenizer is trained on the
    rest of the corpus and the base model never sees a held-out token.
 2. **The base model**, pretrained by the benchmark itself: the preset's model with AdamW on the
-   rest of the corpus (:data:`BASE`: sequence 256, batch 8, 500 steps, lr 3e-3, the pretraining
-   benchmark's recipe and its own job runner, :func:`snsm.bench.train.run_job`). It is cached
+   rest of the corpus (:data:`BASE`: 500 steps (``--base-steps``) at lr 3e-3 of the fine-tuning batch
+   size and twice its sequence length, 8 x 256 in the preset; the pretraining benchmark's recipe and
+   its own job runner, :func:`snsm.bench.launch.run_jobs`). It is cached
    under the cache directory (``finetune-base-<key>/base.pt``, the key a hash of everything that
    makes it: tokenizer, data, model, steps, lr, seed) and trained only if missing; an interrupted
    pretraining continues from its checkpoint.
@@ -91,7 +92,8 @@ SWEEP_STEPS = 60
 
 @dataclasses.dataclass(frozen=True)
 class BaseSettings:
-    """How the base model is pretrained (with AdamW, the pretraining benchmark's recipe)."""
+    """How the base model is pretrained (with AdamW, the pretraining benchmark's recipe); ``seq_len``,
+    ``batch_size`` and ``eval_seqs`` are set from the fine-tuning preset (2x its sequence, its batch)."""
 
     seq_len: int = 256
     batch_size: int = 8

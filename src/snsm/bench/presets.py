@@ -139,7 +139,7 @@ PRESETS["refresh"] = dataclasses.replace(PRESETS["default"], name="refresh",
 
 # ``finetune`` (issue 21; ``python -m snsm.bench --task finetune``): fine-tuning a base model the benchmark
 # pretrains once and caches (AdamW, 500 steps of 8 x 256 tokens on the corpus without the held-out works,
-# about 2.5 minutes on 2 threads), on two tasks built from the held-out works; the values here are the
+# about 3 minutes on 2 threads), on two tasks built from the held-out works; the values here are the
 # fine-tuning runs': 250 steps of 8 x 128 tokens, each method's lr the best of a 60-step sweep (x0.3, x1, x3). Vocabulary
 # 4096 (a third cheaper a step than 8192 at this model size), trained on 4M characters. Measured: docs/bench/finetune_results.md.
 PRESETS["finetune"] = Preset(
