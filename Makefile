@@ -39,6 +39,7 @@ $(BENCH_VENV)/.installed: pyproject.toml constraints.txt | $(BENCH_VENV)/bin/pyt
 	$(BENCH_PIP) install --quiet -c constraints.txt -e ".[bench,peers]" || echo "peer optimizers not installed: reported as skipped"
 	touch $@
 
+# The pretraining benchmark (default preset). Others: $(BENCH_PY) -m snsm.bench --preset smoke | finetune | family
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m snsm.bench
 

@@ -190,7 +190,9 @@ def test_pages_exist():
 
 
 def test_readme_is_short():
-    assert len(README.read_text().splitlines()) <= 220
+    # 220 lines held the overview; the peak-memory, fine-tuning and family results (their tables and
+    # plots belong in the README) take it to 260 at most: everything else lives in docs/
+    assert len(README.read_text().splitlines()) <= 260
 
 
 def test_every_docs_page_is_linked_from_readme():
