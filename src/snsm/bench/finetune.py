@@ -46,16 +46,13 @@ paper does; clipping the raw factor gradients would be another method).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import queue as queue_mod
 import shlex
-import signal
 import sys
 import time
 import traceback
@@ -66,8 +63,7 @@ from . import BenchError
 from .checkpoint import export_state, import_state
 from .fileio import atomic_torch_save, atomic_write, atomic_write_text, ensure_writable_dir, log_to_file, \
     sweep_temporaries
-from .launch import WORKER_ENV, exit_with_parent, run_jobs, stop_workers
-from .progress import Bars, Progress
+from .launch import run_jobs, serve
 
 log = logging.getLogger(__name__)
 
@@ -396,100 +392,23 @@ def run_finetune(args, preset) -> int:
 
 def ft_worker_main(job: dict, q=None, parent: int | None = None) -> None:
     """Entry point of a worker process (as :func:`snsm.bench.launch.worker_main`, for a fine-tuning job)."""
-    def on_sigterm(*_):
-        if q is not None:
-            q.cancel_join_thread()
-        sys.exit(143)
+    serve(job, q, parent, _finetuning)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    if parent is not None:
-        exit_with_parent(parent)
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
-    progress = Progress(q, job["name"])
-    try:
-        log_to_file(job, "worker.log")
-        status = run_ft_job(job, progress)
-    except KeyboardInterrupt:
-        return
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        progress.send("done", "failed", f"failed: {type(e).__name__}: {first}")
-        sys.exit(1)
-    progress.send("done", status)
+
+def _finetuning(job: dict, progress) -> str:
+    log_to_file(job, "worker.log")
+    return run_ft_job(job, progress)
+
+
+def _failed_finetuning(job: dict, reason: str) -> dict:
+    return {"name": job["name"], "method": job["method"], "lr": job["lr"], "status": "failed", "reason": reason}
 
 
 def run_ft_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:
     """Run the fine-tuning ``jobs`` in up to ``workers`` spawned processes (a finished job is reused
-    with ``resume``); returns each job's result."""
-    import multiprocessing as mp
-
-    results: dict[str, dict] = {}
-    pending = []
-    for job in jobs:
-        rpath = Path(job["dir"]) / "result.json"
-        done = json.loads(rpath.read_text()) if job.get("resume") and rpath.exists() else None
-        if done is not None and done.get("status") == "done":
-            results[job["name"]] = done
-            log.info("%s: already finished, reusing %s", job["name"], rpath)
-        else:
-            pending.append(job)
-    if not pending:
-        return results
-    saved_env = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(WORKER_ENV)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    bars = Bars([j["name"] for j in pending], {j["name"]: j["total_steps"] for j in pending}, show_progress)
-    running: dict[str, tuple[Any, dict]] = {}
-    reasons: dict[str, str] = {}
-
-    def handle(msg) -> None:
-        if msg[0] == "done" and len(msg) > 3:
-            reasons[msg[1]] = msg[3]
-        bars.handle(msg)
-
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                p = ctx.Process(target=ft_worker_main, args=(job, q, os.getpid()), name=f"snsm-ft-{job['name']}")
-                p.start()
-                running[job["name"]] = (p, job)
-            try:
-                handle(q.get(timeout=0.2))
-                while True:
-                    handle(q.get_nowait())
-            except queue_mod.Empty:
-                pass
-            for name, (p, job) in list(running.items()):
-                if p.is_alive():
-                    continue
-                p.join()
-                del running[name]
-                with contextlib.suppress(queue_mod.Empty):
-                    while True:
-                        handle(q.get_nowait())
-                rpath = Path(job["dir"]) / "result.json"
-                if rpath.exists():
-                    results[name] = json.loads(rpath.read_text())
-                elif job.get("stop_after"):
-                    results[name] = {"name": name, "status": "stopped"}
-                else:
-                    results[name] = {"name": name, "method": job["method"], "lr": job["lr"], "status": "failed", "reason": reasons.get(name, f"worker exited with code "
-                                                                                      f"{p.exitcode}")}
-                bars.finish(name)
-    except BaseException:
-        stop_workers([p for p, _ in running.values()])
-        raise
-    finally:
-        bars.close()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return results
+    with ``resume``), through the pretraining benchmark's scheduler; returns each job's result."""
+    return run_jobs(jobs, workers, show_progress, target=ft_worker_main, steps_key="total_steps",
+                    failed=_failed_finetuning)
 
 
 # --- in the worker: models, optimizers, one run -----------------------------------------------------

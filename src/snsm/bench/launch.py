@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .fileio import atomic_write_text, log_to_file
 from .progress import Bars, Progress, StdoutProgress, parse_line
@@ -125,7 +125,19 @@ def exit_with_parent(parent: int, sig: int = signal.SIGTERM, grace: float = STOP
 
 def worker_main(job: dict, q=None, parent: int | None = None) -> None:
     """Entry point of a worker process: trains one job and writes ``result.json`` (unless stopped early);
-    a distributed job (``nproc`` > 1) runs under torchrun (:func:`run_distributed`).
+    a distributed job (``nproc`` > 1) runs under torchrun (:func:`run_distributed`). See :func:`serve`."""
+    serve(job, q, parent, _pretraining)
+
+
+def _pretraining(job: dict, progress) -> str:
+    if job.get("nproc", 1) > 1:
+        return run_distributed(job, progress)
+    log_to_file(job, "worker.log")
+    return run_job(job, progress)
+
+
+def serve(job: dict, q, parent: int | None, run: Callable[[dict, Any], str]) -> None:
+    """The body of a worker process: ``run(job, progress)`` reports its status on the queue ``q``.
 
     ``parent``: the scheduler's pid; the worker ends when that process does (:func:`exit_with_parent`).
     SIGTERM ends the worker at once through ``SystemExit(143)``, so that its writers clean up."""
@@ -141,14 +153,10 @@ def worker_main(job: dict, q=None, parent: int | None = None) -> None:
         os.environ.setdefault(k, v)
     progress = Progress(q, job["name"])
     try:
-        if job.get("nproc", 1) > 1:
-            status = run_distributed(job, progress)
-        else:
-            log_to_file(job, "worker.log")
-            status = run_job(job, progress)
+        status = run(job, progress)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
         return
-    except Exception as e:  # run_job records its own failures: this is its result not written (a full disk)
+    except Exception as e:  # the job records its own failures: this is its result not written (a full disk)
         first = str(e).splitlines()[0] if str(e) else ""
         progress.send("done", "failed", f"failed: {type(e).__name__}: {first}")
         sys.exit(1)
@@ -170,11 +178,21 @@ def stop_workers(procs: list, grace: float = STOP_GRACE_S) -> None:
             p.join()
 
 
-def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict[str, dict]:
+def _failed_pretraining(job: dict, reason: str) -> dict:
+    return {"name": job["name"], "optimizer": job["optimizer"], "lr": job["lr"], "status": "failed", "skipped": True,
+            "reason": reason}
+
+
+def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True, *,
+             target: Callable[..., None] | None = None, steps_key: str = "steps",
+             failed: Callable[[dict, str], dict] = _failed_pretraining) -> dict[str, dict]:
     """Run ``jobs`` in up to ``workers`` concurrent spawned processes; returns each job's result.
 
-    With ``resume`` set, a job that already finished (its ``result.json`` says ``done``) is not
-    run again; any other job continues from its checkpoint if it has one.
+    Each process runs ``target(job, queue, parent_pid)`` (default :func:`worker_main`, a pretraining
+    job), which writes ``<job dir>/result.json`` and reports progress (``job[steps_key]`` steps) on the
+    queue; a job that ends without a result gets ``failed(job, reason)``. With ``resume`` set, a job
+    that already finished (its ``result.json`` says ``done``) is not run again; any other job continues
+    from its checkpoint if it has one.
     """
     import multiprocessing as mp
 
@@ -195,7 +213,8 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
     os.environ.update(WORKER_ENV)  # inherited by the spawned workers
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    bars = Bars([j["name"] for j in pending], {j["name"]: j["steps"] for j in pending}, show_progress)
+    target = worker_main if target is None else target
+    bars = Bars([j["name"] for j in pending], {j["name"]: j[steps_key] for j in pending}, show_progress)
     running: dict[str, tuple[Any, dict]] = {}
     reasons: dict[str, str] = {}  # why a worker that could not write its result.json failed
 
@@ -208,7 +227,7 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                p = ctx.Process(target=worker_main, args=(job, q, os.getpid()), name=f"snsm-bench-{job['name']}")
+                p = ctx.Process(target=target, args=(job, q, os.getpid()), name=f"snsm-bench-{job['name']}")
                 p.start()
                 running[job["name"]] = (p, job)
             try:
@@ -231,9 +250,7 @@ def run_jobs(jobs: list[dict], workers: int, show_progress: bool = True) -> dict
                 elif job.get("stop_after"):
                     results[name] = {"name": name, "status": "stopped"}
                 else:
-                    results[name] = {"name": name, "optimizer": job["optimizer"], "lr": job["lr"],
-                                     "status": "failed", "skipped": True,
-                                     "reason": reasons.get(name, f"worker exited with code {p.exitcode}")}
+                    results[name] = failed(job, reasons.get(name, f"worker exited with code {p.exitcode}"))
                 bars.finish(name)
     except BaseException:  # Ctrl-C, SIGTERM (snsm.bench.Terminated), an error: no worker outlives this
         stop_workers([p for p, _ in running.values()])
