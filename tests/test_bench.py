@@ -509,6 +509,9 @@ def test_batch_schedule_option_applies_to_every_entry():
     (["--preset", "smoke", "--batch-schedule", "adaptive", "--batch-size", "4", "--micro-batch", "4"],
      "needs >= 2 micro-batches"),
     (["--preset", "smoke", "--batch-schedule", "adaptive", "--batch-eta", "0"], "--batch-eta must be > 0"),
+    (["--preset", "smoke", "--lr", "nosuch=0.1"], "--lr expects NAME=LR with a known optimizer name"),
+    (["--preset", "smoke", "--lr", "adamw=x"], "'x' is not a number"),
+    (["--preset", "smoke", "--lr", "adamw=0"], "the learning rate must be > 0"),
 ])
 def test_adaptive_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2

@@ -277,18 +277,9 @@ def _check_parallel(args, preset, names, device: str, adaptive: bool) -> None:
 
 
 def _lrs(args, names, table):
-    from .optimizers import REGISTRY, learning_rate
+    from .optimizers import REGISTRY, learning_rate, parse_lr_overrides
     lrs = {n: learning_rate(n, table) for n in names}
-    for item in args.lr:
-        name, sep, value = item.partition("=")
-        if not sep or name not in REGISTRY:
-            raise BenchError(f"--lr expects NAME=LR with a known optimizer name, got {item!r}")
-        try:
-            lrs[name] = float(value)
-        except ValueError:
-            raise BenchError(f"--lr {item!r}: {value!r} is not a number") from None
-        if not lrs[name] > 0:
-            raise BenchError(f"--lr {item!r}: the learning rate must be > 0")
+    lrs.update(parse_lr_overrides(args.lr, lambda name: name in REGISTRY, "a known optimizer name"))
     return lrs
 
 

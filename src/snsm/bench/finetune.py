@@ -112,18 +112,9 @@ def _cpu_count() -> int:
 
 def parse_lrs(items: list[str]) -> dict[str, float]:
     """``--lr NAME=LR`` for the fine-tuning methods."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in METHODS:
-            raise BenchError(f"--lr expects NAME=LR with a fine-tuning method ({', '.join(METHODS)}), got {item!r}")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise BenchError(f"--lr {item!r}: {value!r} is not a number") from None
-        if not out[name] > 0:
-            raise BenchError(f"--lr {item!r}: the learning rate must be > 0")
-    return out
+    from .optimizers import parse_lr_overrides
+    return parse_lr_overrides(items, lambda name: name in METHODS,
+                              f"a fine-tuning method ({', '.join(METHODS)})")
 
 
 def parse_methods(text: str | None, default: tuple[str, ...]) -> list[str]:

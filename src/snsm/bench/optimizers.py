@@ -415,6 +415,23 @@ def learning_rate(name: str, table: str = "default") -> float:
         raise BenchError(f"no learning rate for {name!r} in configs/lr.json[{table!r}]") from None
 
 
+def parse_lr_overrides(items: list[str], known: Callable[[str], bool], expected: str) -> dict[str, float]:
+    """``--lr NAME=LR`` items as ``{NAME: LR}``; ``BenchError`` for a name ``known`` refuses (the message
+    asks for ``expected``), a value that is not a number, or one that is not > 0."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not known(name):
+            raise BenchError(f"--lr expects NAME=LR with {expected}, got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise BenchError(f"--lr {item!r}: {value!r} is not a number") from None
+        if not out[name] > 0:
+            raise BenchError(f"--lr {item!r}: the learning rate must be > 0")
+    return out
+
+
 def preload(name: str) -> None:
     """Import the package entry ``name`` builds its optimizer from (quietly; a failure is reported
     when the optimizer is built), so that a memory baseline taken afterwards already holds it."""
