@@ -155,3 +155,13 @@ def log_to_file(job: dict, name: str) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # library warnings go to the log, not through the progress bars
+
+
+def save_figure(fig, path: Path, **savefig_options: Any) -> None:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_options))
+    finally:
+        plt.close(fig)

@@ -62,7 +62,7 @@ from typing import Any
 from . import BenchError
 from .checkpoint import export_state, import_state
 from .fileio import atomic_torch_save, atomic_write, atomic_write_text, ensure_writable_dir, log_to_file, \
-    sweep_temporaries
+    save_figure, sweep_temporaries
 from .launch import run_jobs, serve
 
 log = logging.getLogger(__name__)
@@ -902,10 +902,7 @@ def plot_ft(summary: dict, task: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_ft_outputs(out: Path, summary: dict) -> None:

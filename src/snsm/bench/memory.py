@@ -90,7 +90,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import BenchError
-from .fileio import atomic_write, atomic_write_text, ensure_writable_dir
+from .fileio import atomic_write_text, ensure_writable_dir, save_figure
 from .model import build_model, lm_loss, model_size
 from .optimizers import BETAS, EPS, REGISTRY, BuildContext, PeerUnavailable, state_bytes
 
@@ -875,8 +875,7 @@ def plot(entries: list[dict], size: str, path: Path) -> bool:
         ax.set_title(f"LLaMA-{size.upper()} {dtype}: peak of one step ({method}; * estimated)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

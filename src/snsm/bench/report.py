@@ -45,7 +45,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:
