@@ -1,13 +1,13 @@
 """python -m snsm.bench.family: every experiment on its --quick setting, and the family's registry entries."""
 import json
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from snsm.bench import family
-from snsm.bench.optimizers import REGISTRY, BuildContext, hold_peak_lr
+from snsm.bench.optimizers import REGISTRY, BuildContext
+from snsm.bench.train import lr_schedule
 
 EXPECTED_ROWS = {
     "adago-regression": ["adam", "muon", "adago", "adam+cosine", "muon+cosine", "adago+cosine"],
@@ -145,20 +145,13 @@ def test_adago_sm_has_rank_and_adago_holds_its_peak_lr():
     opt.step()
     w = model[0].weight
     assert opt.state[w]["exp_avg"].numel() == max(w.shape) * CTX.rank  # the momentum in the rank-r subspace
-    # the paper's constant eta: the orthogonalized group steps at its peak under a scheduler, the AdamW group
-    # follows the schedule
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    # the paper's constant eta: the benchmark's scheduler keeps the orthogonalized group at its peak, the
+    # AdamW group follows the schedule
+    sched = lr_schedule(opt, "adago-sm", lambda s: 0.1)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[-1]["lr"] == pytest.approx(1e-4)
     model(torch.randn(4, 12)).square().mean().backward()
     opt.step()
-    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[-1]["lr"] == pytest.approx(1e-4)
     sched.step()
-    assert math.isclose(opt.param_groups[0]["lr"], 0.01)  # the scheduler's view between steps is unchanged
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[-1]["lr"] == pytest.approx(1e-4)
 
 
-def test_hold_peak_lr_without_a_scheduler_changes_nothing():
-    model = _net()
-    opt = hold_peak_lr(torch.optim.SGD(model.parameters(), lr=0.5), lambda g: True)
-    model(torch.randn(2, 12)).sum().backward()
-    opt.step()
-    assert opt.param_groups[0]["lr"] == 0.5
