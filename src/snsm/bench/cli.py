@@ -480,7 +480,7 @@ def run(args) -> int:
         "nproc": nproc, "parallel": args.parallel if nproc > 1 else None,
         "backend": ("nccl" if device.startswith("cuda") else "gloo") if nproc > 1 else None,
         "data": facts["data"], "train_tokens_available": facts["train_tokens_available"],
-        "command": "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "snsm.bench", *sys.argv[1:]]),
     }
     if batch:
         meta["adaptive_batch"] = {k: v for k, v in batch.items() if k != "batch_schedule"}
@@ -519,7 +519,7 @@ def _time_in_backward(out: Path, jobs: list[dict], steps: int, threads: int) -> 
     head = ("| optimizer | ordinary ms/step (median wall) | in backward ms/step (median wall) | in backward / ordinary "
             "(median of rounds, wall) | (of means, wall) | (median of rounds, CPU) | max param diff |")
     table = "\n".join([head, "|" + "---|" * 7, *rows])
-    command = "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = shlex.join(["python", "-m", "snsm.bench", *sys.argv[1:]])
     atomic_write_text(out / "timing.json", json.dumps({"command": command, "clip_mode": clip, "steps": steps,
                                                        "results": results}, indent=1))
     print(f"\n{table}\n\n{steps} timed steps per mode, clip {clip}, {threads} thread(s); wrote {out / 'timing.json'}")

@@ -359,7 +359,7 @@ def run_finetune(args, preset) -> int:
         "device": device, "workers": workers, "threads_per_worker": threads, "torch_version": torch.__version__,
         "sweep_steps": sweep_steps, "sweep_factors": factors, "lr_centres": {m: LR[m] for m in methods},
         "fixed_lr": fixed, "base": base_rec, "data": data["facts"],
-        "command": "python -m snsm.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "snsm.bench", *sys.argv[1:]]),
         "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
     }
     per_task = []
