@@ -27,6 +27,7 @@ from snsm.bench.cli import main  # noqa: E402
 from snsm.bench.optimizers import REGISTRY, lr_config  # noqa: E402
 from snsm.bench.presets import PRESETS  # noqa: E402
 from snsm.bench.report import REQUIRED, build_summary, tokens_to_match  # noqa: E402
+from conftest import bench_env, run_bench as bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ["adamw", "adamw-sn", "adamw-snsm"]
@@ -38,20 +39,6 @@ except Exception:
 TINY = ["--preset", "smoke", "--seq-len", "64", "--batch-size", "4", "--steps", "12", "--eval-every", "4",
         "--eval-seqs", "8", "--ckpt-every", "3", "--vocab-size", "512", "--workers", "2", "--no-progress",
         "--optimizers", ",".join(OPTIMIZERS)]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def bench(*args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "snsm.bench", *args], capture_output=True, text=True,
-                          env=_env(), timeout=600, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snsm.bench {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +126,7 @@ def test_resume_after_stop_and_after_kill_matches_uninterrupted(full_run, tmp_pa
     # 2. resume, and kill the whole process group (workers included) as soon as a job checkpoints again
     marks = {n: (out / n / "checkpoint.pt").stat().st_mtime_ns for n in OPTIMIZERS}
     p = subprocess.Popen([sys.executable, "-m", "snsm.bench", *common, "--resume"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=bench_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and p.poll() is None:

@@ -9,9 +9,6 @@ seconds; one end-to-end command-line run checks that the flags reach the jobs an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,10 @@ import torch  # noqa: E402
 
 import snsm  # noqa: E402
 from snsm.bench import optimizers as bench_optimizers  # noqa: E402
+from conftest import run_bench  # noqa: E402
 from snsm.bench.cli import main  # noqa: E402
 from snsm.bench.train import PerParameterSteps, Stepping, run_job, time_step_modes, train_step  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 300, 32
 
 
@@ -203,12 +200,6 @@ def test_bad_stepping_options_are_one_line_errors(argv, message, capsys, tmp_pat
     assert not (tmp_path / "o" / "config.json").exists()
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def test_command_line_in_backward_run(tmp_path):
     """--in-backward --clip previous reaches the jobs and the summary; a peer that cannot step in
     backward is reported as skipped, not failed (exit 0)."""
@@ -216,10 +207,8 @@ def test_command_line_in_backward_run(tmp_path):
             "--eval-every", "2", "--eval-seqs", "4", "--vocab-size", "512", "--workers", "2", "--no-progress", "-q",
             "--cache-dir", str(tmp_path / "cache")]
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "snsm.bench", *tiny, "--optimizers", "adamw-snsm,adafactor",
-                           "--in-backward", "--clip", "previous", "--max-norm", "0.5", "--out", str(out)],
-                          capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_bench(*tiny, "--optimizers", "adamw-snsm,adafactor", "--in-backward", "--clip", "previous",
+              "--max-norm", "0.5", "--out", str(out))  # fails on a non-zero exit, with its stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["in_backward"] and s["clip_mode"] == "previous" and s["clip"] == 0.5
     by = {o["name"]: o for o in s["optimizers"]}

@@ -9,10 +9,6 @@ check reruns one method twice and is marked slow.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,26 +21,12 @@ pytest.importorskip("peft", reason="the fine-tuning benchmark's adapters need pe
 from snsm.bench import finetune as ft  # noqa: E402
 from snsm.bench import finetune_data as fd  # noqa: E402
 from snsm.bench.cli import main  # noqa: E402
+from conftest import run_bench as bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["adamw", "lora-adamw"]
 TINY = ["--task", "finetune", "--seq-len", "64", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
         "--eval-seqs", "8", "--ckpt-every", "3", "--vocab-size", "512", "--base-steps", "8", "--sweep-steps", "2",
         "--workers", "2", "--no-progress"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def bench(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "snsm.bench", *args], capture_output=True, text=True, env=_env(),
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snsm.bench {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
