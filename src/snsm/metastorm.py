@@ -229,9 +229,10 @@ class MetaSTORM(StrictOptimizer):
         (the EMA bias-corrected)."""
         beta = group["ema"]
         if beta is None:
-            return s.add_(x)
-        s.mul_(beta).add_(x, alpha=1.0 - beta)
-        return s / (1.0 - beta**step)
+            s.add_(x)
+        else:
+            s.mul_(beta).add_(x, alpha=1.0 - beta)
+        return self._total(s, group, step)
 
     @staticmethod
     def _total(s: torch.Tensor, group: dict, step: int) -> torch.Tensor:
